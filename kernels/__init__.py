@@ -1,0 +1,48 @@
+"""npanomaly.kernels: the flat library of pure Numba kernels under every layer and model.
+
+Each kernel is a pure function on NCHW arrays (float32 on the fast path, float64 for gradient
+checks). Kernels assume clean input: shapes, dtypes and contiguity are checked once at the public
+boundary (``npanomaly._validation``), never here. See each function's docstring for its shapes, its
+math and, for backward kernels, the gradient it computes.
+"""
+
+from .activation import relu_backward_input, relu_forward
+from .batchnorm import (
+    batchnorm2d_backward,
+    batchnorm2d_eval_forward,
+    batchnorm2d_train_forward,
+)
+from .conv import (
+    conv2d_backward_bias,
+    conv2d_backward_input,
+    conv2d_backward_weight,
+    conv2d_forward,
+    conv2d_output_size,
+)
+from .pooling import (
+    avg_pool2d_backward_input,
+    avg_pool2d_forward,
+    max_pool2d_backward_input,
+    max_pool2d_forward,
+    pool2d_output_size,
+)
+from .reduce import all_finite
+
+__all__ = [
+    "all_finite",
+    "avg_pool2d_backward_input",
+    "avg_pool2d_forward",
+    "batchnorm2d_backward",
+    "batchnorm2d_eval_forward",
+    "batchnorm2d_train_forward",
+    "conv2d_backward_bias",
+    "conv2d_backward_input",
+    "conv2d_backward_weight",
+    "conv2d_forward",
+    "conv2d_output_size",
+    "max_pool2d_backward_input",
+    "max_pool2d_forward",
+    "pool2d_output_size",
+    "relu_backward_input",
+    "relu_forward",
+]

@@ -1,0 +1,17 @@
+"""The knobs of the kernel library, and nothing else.
+
+Every block size, memory budget and compiler flag that a kernel uses lives here, so that tuning
+for a machine is a one-file change and no kernel hides a magic number.
+"""
+
+# Compile options shared by every @njit kernel. ``cache=True`` writes the machine code next to the
+# source (or to NUMBA_CACHE_DIR), so only the first process on a machine pays for compilation.
+# fastmath stays off: the kernels are cross-checked bit-for-bit-ish against plain NumPy and torch,
+# and reassociating float sums would make those comparisons depend on the compiler's mood.
+JIT_OPTIONS = {"cache": True, "fastmath": False, "nogil": True}
+PARALLEL_JIT_OPTIONS = dict(JIT_OPTIONS, parallel=True)
+
+# Convolution lowers each image to a column matrix [C*kh*kw, Ho*Wo] and multiplies it with BLAS.
+# Images are processed in chunks whose column matrices together stay under this many bytes, so the
+# extra memory of im2col is bounded whatever the batch size.
+IM2COL_BUDGET_BYTES = 64 * 1024 * 1024

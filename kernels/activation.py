@@ -1,0 +1,38 @@
+"""Rectified linear unit, forward and backward."""
+
+import numpy as np
+from numba import njit, prange
+
+from ._config import PARALLEL_JIT_OPTIONS
+
+
+@njit(**PARALLEL_JIT_OPTIONS)
+def relu_forward(x):
+    """y = max(x, 0), elementwise.
+
+    Shapes: x [...] C-contiguous -> y of the same shape.
+    Parallel: over elements; each writes its own output.
+    """
+    y = np.empty_like(x)
+    flat_x = x.reshape(x.size)
+    flat_y = y.reshape(y.size)
+    for i in prange(flat_x.size):
+        flat_y[i] = flat_x[i] if flat_x[i] > 0 else 0
+    return y
+
+
+@njit(**PARALLEL_JIT_OPTIONS)
+def relu_backward_input(grad_out, x):
+    """Gradient of the loss with respect to the ReLU's input.
+
+    Shapes: grad_out, x [...] C-contiguous, same shape -> grad_x of that shape.
+    Gradient: dL/dx = dL/dy where x > 0, else 0 (torch's choice of 0 for the subgradient at x = 0).
+    Parallel: over elements; each writes its own output.
+    """
+    grad_x = np.empty_like(grad_out)
+    flat_g = grad_out.reshape(grad_out.size)
+    flat_x = x.reshape(x.size)
+    flat_out = grad_x.reshape(grad_x.size)
+    for i in prange(flat_g.size):
+        flat_out[i] = flat_g[i] if flat_x[i] > 0 else 0
+    return grad_x

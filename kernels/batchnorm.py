@@ -1,0 +1,114 @@
+"""Batch normalisation over the channels of an NCHW batch (torch.nn.BatchNorm2d).
+
+Shapes used throughout: x, y, grad [N, C, H, W]; weight, bias, mean, var [C]. Every statistic is
+a sum over the M = N*H*W values of one channel, accumulated in float64.
+"""
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from ._config import PARALLEL_JIT_OPTIONS
+
+
+@njit(**PARALLEL_JIT_OPTIONS)
+def batchnorm2d_train_forward(x, weight, bias, eps):
+    """Normalise with the batch's own statistics (training mode).
+
+    Shapes: x [N, C, H, W], weight [C], bias [C] -> (y [N, C, H, W], batch_mean [C], batch_var [C]).
+    Math: mean_c = (1/M) sum x,  var_c = (1/M) sum (x - mean_c)^2  (biased, as torch normalises with),
+          y = (x - mean_c) / sqrt(var_c + eps) * weight_c + bias_c.
+          The sums run on x minus the channel's first value, which keeps the one-pass variance
+          exact to float64 rounding however large the mean is.
+    Parallel: over channels; each iteration reads and writes only its own channel.
+    """
+    batch, channels, height, width = x.shape
+    count = batch * height * width
+    y = np.empty_like(x)
+    batch_mean = np.empty(channels, dtype=x.dtype)
+    batch_var = np.empty(channels, dtype=x.dtype)
+    for c in prange(channels):
+        shift = np.float64(x[0, c, 0, 0])
+        total = 0.0
+        total_sq = 0.0
+        for n in range(batch):
+            for h in range(height):
+                for w in range(width):
+                    d = x[n, c, h, w] - shift
+                    total += d
+                    total_sq += d * d
+        mean_shifted = total / count
+        var = max(total_sq / count - mean_shifted * mean_shifted, 0.0)
+        mean = shift + mean_shifted
+        scale = weight[c] / math.sqrt(var + eps)
+        offset = bias[c] - mean * scale
+        for n in range(batch):
+            for h in range(height):
+                for w in range(width):
+                    y[n, c, h, w] = x[n, c, h, w] * scale + offset
+        batch_mean[c] = mean
+        batch_var[c] = var
+    return y, batch_mean, batch_var
+
+
+@njit(**PARALLEL_JIT_OPTIONS)
+def batchnorm2d_eval_forward(x, weight, bias, running_mean, running_var, eps):
+    """Normalise with stored running statistics (evaluation mode): a per-channel affine map.
+
+    Shapes: x [N, C, H, W], weight, bias, running_mean, running_var [C] -> y [N, C, H, W].
+    Math: y = (x - running_mean_c) / sqrt(running_var_c + eps) * weight_c + bias_c.
+    Parallel: over (n, c) planes, which are disjoint.
+    """
+    batch, channels, height, width = x.shape
+    y = np.empty_like(x)
+    for job in prange(batch * channels):
+        n = job // channels
+        c = job % channels
+        scale = weight[c] / math.sqrt(np.float64(running_var[c]) + eps)
+        offset = bias[c] - running_mean[c] * scale
+        for h in range(height):
+            for w in range(width):
+                y[n, c, h, w] = x[n, c, h, w] * scale + offset
+    return y
+
+
+@njit(**PARALLEL_JIT_OPTIONS)
+def batchnorm2d_backward(grad_out, x, weight, batch_mean, batch_var, eps):
+    """Gradients of training-mode batch norm with respect to its input, weight and bias.
+
+    Shapes: grad_out, x [N, C, H, W]; weight, batch_mean, batch_var [C]
+            -> (grad_x [N, C, H, W], grad_weight [C], grad_bias [C]).
+    Gradient: with xhat = (x - mean_c) * inv_std_c and inv_std_c = 1 / sqrt(var_c + eps),
+              dL/dbias_c = sum dy,  dL/dweight_c = sum dy * xhat,
+              dL/dx = weight_c * inv_std_c / M * (M*dy - sum dy - xhat * sum dy*xhat),
+              the last term carrying the dependence of mean and var on every x of the channel.
+    Parallel: over channels; each iteration reads and writes only its own channel.
+    """
+    batch, channels, height, width = x.shape
+    count = batch * height * width
+    grad_x = np.empty_like(x)
+    grad_weight = np.empty(channels, dtype=x.dtype)
+    grad_bias = np.empty(channels, dtype=x.dtype)
+    for c in prange(channels):
+        mean = np.float64(batch_mean[c])
+        inv_std = 1.0 / math.sqrt(np.float64(batch_var[c]) + eps)
+        sum_dy = 0.0
+        sum_dy_xhat = 0.0
+        for n in range(batch):
+            for h in range(height):
+                for w in range(width):
+                    dy = np.float64(grad_out[n, c, h, w])
+                    sum_dy += dy
+                    sum_dy_xhat += dy * (x[n, c, h, w] - mean) * inv_std
+        scale = weight[c] * inv_std
+        mean_dy = sum_dy / count
+        mean_dy_xhat = sum_dy_xhat / count
+        for n in range(batch):
+            for h in range(height):
+                for w in range(width):
+                    xhat = (x[n, c, h, w] - mean) * inv_std
+                    grad_x[n, c, h, w] = scale * (grad_out[n, c, h, w] - mean_dy - xhat * mean_dy_xhat)
+        grad_weight[c] = sum_dy_xhat
+        grad_bias[c] = sum_dy
+    return grad_x, grad_weight, grad_bias

@@ -1,0 +1,230 @@
+"""2-D convolution (cross-correlation, as in torch.nn.Conv2d) lowered to BLAS matrix products.
+
+Each image is unfolded into a column matrix (im2col) so that the convolution becomes one GEMM
+per image: ``y[n] = W2 @ cols[n]`` with ``W2 = weight.reshape(O, C*kh*kw)``. The unfolding and its
+adjoint (col2im) are Numba loops; the products go to NumPy's BLAS. Numba's own ``np.dot`` needs
+SciPy at run time, which npanomaly does not depend on, so the GEMM is called from these thin
+Python drivers instead of from inside ``@njit``.
+
+Shapes used throughout:
+    x        [N, C, H, W]        input
+    weight   [O, C, kh, kw]      torch layout
+    bias     [O] or None
+    y        [N, O, Ho, Wo]      Ho = (H + 2*pad_h - kh) // stride_h + 1, likewise Wo
+    cols     [B, C*kh*kw, Ho*Wo] unfolded chunk of B images; row r = (c*kh + i)*kw + j
+"""
+
+import numpy as np
+from numba import njit, prange
+
+from ._config import IM2COL_BUDGET_BYTES, JIT_OPTIONS, PARALLEL_JIT_OPTIONS
+
+
+def conv2d_output_size(in_size, kernel, stride, pad):
+    """Length of the output along one axis: (in + 2*pad - kernel) // stride + 1."""
+    return (in_size + 2 * pad - kernel) // stride + 1
+
+
+@njit(**JIT_OPTIONS)
+def _valid_outputs(out_len, in_len, stride, pad, offset):
+    """Range [lo, hi) of output positions o whose input position o*stride - pad + offset is inside [0, in_len).
+
+    Computing the range once removes the bounds test from the innermost loops.
+    """
+    first = pad - offset  # o*stride >= first
+    lo = 0 if first <= 0 else (first + stride - 1) // stride
+    last = in_len - 1 + pad - offset  # o*stride <= last
+    hi = 0 if last < 0 else min(out_len, last // stride + 1)
+    return lo, max(lo, hi)
+
+
+@njit(**PARALLEL_JIT_OPTIONS)
+def im2col(x, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, cols):
+    """Unfold the patches of x into cols, zeros where a patch overlaps the padding.
+
+    Shapes: x [B, C, H, W] -> cols [B, C*kh*kw, out_h*out_w] (written in place).
+    Math: cols[b, (c*kh + i)*kw + j, oh*out_w + ow] = x[b, c, oh*sh - ph + i, ow*sw - pw + j], or 0 outside.
+    Parallel: over (b, row) pairs; each iteration writes only its own row of cols.
+    """
+    batch, channels, height, width = x.shape
+    rows = channels * kernel_h * kernel_w
+    for job in prange(batch * rows):
+        b = job // rows
+        r = job % rows
+        c = r // (kernel_h * kernel_w)
+        i = (r // kernel_w) % kernel_h
+        j = r % kernel_w
+        row = cols[b, r]
+        row[:] = 0
+        oh_lo, oh_hi = _valid_outputs(out_h, height, stride_h, pad_h, i)
+        ow_lo, ow_hi = _valid_outputs(out_w, width, stride_w, pad_w, j)
+        for oh in range(oh_lo, oh_hi):
+            ih = oh * stride_h - pad_h + i
+            base = oh * out_w
+            for ow in range(ow_lo, ow_hi):
+                row[base + ow] = x[b, c, ih, ow * stride_w - pad_w + j]
+
+
+@njit(**PARALLEL_JIT_OPTIONS)
+def col2im_add(cols, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, x):
+    """Fold column gradients back onto the image: the adjoint of im2col, accumulated into x.
+
+    Shapes: cols [B, C*kh*kw, out_h*out_w], x [B, C, H, W] (accumulated in place).
+    Math: x[b, c, oh*sh - ph + i, ow*sw - pw + j] += cols[b, (c*kh + i)*kw + j, oh*out_w + ow]
+          over every (i, j, oh, ow) that lands inside the image.
+    Parallel: over (b, c) planes; every row that adds into plane (b, c) belongs to channel c, so
+    no two iterations write the same element.
+    """
+    batch, channels, height, width = x.shape
+    for job in prange(batch * channels):
+        b = job // channels
+        c = job % channels
+        plane = x[b, c]
+        for i in range(kernel_h):
+            oh_lo, oh_hi = _valid_outputs(out_h, height, stride_h, pad_h, i)
+            for j in range(kernel_w):
+                ow_lo, ow_hi = _valid_outputs(out_w, width, stride_w, pad_w, j)
+                row = cols[b, (c * kernel_h + i) * kernel_w + j]
+                for oh in range(oh_lo, oh_hi):
+                    ih = oh * stride_h - pad_h + i
+                    base = oh * out_w
+                    for ow in range(ow_lo, ow_hi):
+                        plane[ih, ow * stride_w - pad_w + j] += row[base + ow]
+
+
+@njit(**PARALLEL_JIT_OPTIONS)
+def add_channel_bias(y, bias):
+    """y[n, o, :] += bias[o], in place.
+
+    Shapes: y [N, O, P], bias [O].
+    Parallel: over (n, o) rows, which are disjoint.
+    """
+    batch, out_channels, positions = y.shape
+    for job in prange(batch * out_channels):
+        o = job % out_channels
+        row = y[job // out_channels, o]
+        for p in range(positions):
+            row[p] += bias[o]
+
+
+@njit(**PARALLEL_JIT_OPTIONS)
+def conv2d_backward_bias(grad_out):
+    """Gradient of the loss with respect to the bias.
+
+    Shapes: grad_out [N, O, Ho, Wo] -> grad_bias [O].
+    Gradient: dL/db[o] = sum over n, oh, ow of dL/dy[n, o, oh, ow] (accumulated in float64).
+    Parallel: over output channels; each iteration owns one element of the result.
+    """
+    batch, out_channels, out_h, out_w = grad_out.shape
+    grad_bias = np.empty(out_channels, dtype=grad_out.dtype)
+    for o in prange(out_channels):
+        total = 0.0
+        for n in range(batch):
+            for oh in range(out_h):
+                for ow in range(out_w):
+                    total += grad_out[n, o, oh, ow]
+        grad_bias[o] = total
+    return grad_bias
+
+
+def _is_pointwise(kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w):
+    """A 1x1 stride-1 unpadded convolution needs no unfolding: the image already is its column matrix."""
+    return kernel_h == kernel_w == stride_h == stride_w == 1 and pad_h == pad_w == 0
+
+
+def _chunks(batch, rows, positions, itemsize):
+    """Split the batch into runs of images whose column matrices fit IM2COL_BUDGET_BYTES together."""
+    per_image = max(1, rows * positions * itemsize)
+    step = max(1, min(batch, IM2COL_BUDGET_BYTES // per_image))
+    return step, [(start, min(batch, start + step)) for start in range(0, batch, step)]
+
+
+def _unfolded_chunks(x, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w):
+    """Yield (start, stop, cols) with cols = im2col(x[start:stop]), one bounded chunk at a time.
+
+    The column buffer is allocated once and reused, so a call holds at most one chunk of columns.
+    """
+    batch, channels = x.shape[:2]
+    rows = channels * kernel_h * kernel_w
+    positions = out_h * out_w
+    if _is_pointwise(kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w):
+        yield 0, batch, x.reshape(batch, channels, positions)
+        return
+    step, chunks = _chunks(batch, rows, positions, x.itemsize)
+    cols = np.empty((step, rows, positions), dtype=x.dtype)
+    for start, stop in chunks:
+        part = cols[: stop - start]
+        im2col(x[start:stop], kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, part)
+        yield start, stop, part
+
+
+def conv2d_forward(x, weight, bias, stride_h, stride_w, pad_h, pad_w):
+    """Cross-correlate a batch with a filter bank, as torch.nn.functional.conv2d.
+
+    Shapes: x [N, C, H, W], weight [O, C, kh, kw], bias [O] or None -> y [N, O, Ho, Wo].
+    Math: y[n, o, oh, ow] = bias[o] + sum_{c,i,j} weight[o, c, i, j] * x[n, c, oh*sh - ph + i, ow*sw - pw + j]
+          (x taken as 0 outside the image), computed per image as W2 @ im2col(x[n]).
+    Parallel: im2col over (image, row); the GEMM inside BLAS; the bias over (image, channel).
+    """
+    batch, channels, height, width = x.shape
+    out_channels, _, kernel_h, kernel_w = weight.shape
+    out_h = conv2d_output_size(height, kernel_h, stride_h, pad_h)
+    out_w = conv2d_output_size(width, kernel_w, stride_w, pad_w)
+    w2 = weight.reshape(out_channels, channels * kernel_h * kernel_w)
+    positions = out_h * out_w
+    y = np.empty((batch, out_channels, positions), dtype=x.dtype)
+    for start, stop, cols in _unfolded_chunks(x, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w):
+        np.matmul(w2, cols, out=y[start:stop])
+    if bias is not None:
+        add_channel_bias(y, bias)
+    return y.reshape(batch, out_channels, out_h, out_w)
+
+
+def conv2d_backward_input(grad_out, weight, in_h, in_w, stride_h, stride_w, pad_h, pad_w):
+    """Gradient of the loss with respect to the convolution's input.
+
+    Shapes: grad_out [N, O, Ho, Wo], weight [O, C, kh, kw] -> grad_x [N, C, in_h, in_w].
+    Gradient: dL/dx = col2im(W2^T @ dL/dy[n]) per image: every input pixel collects
+              weight[o, c, i, j] * dL/dy[n, o, oh, ow] from each output position whose window covered it.
+    Parallel: the GEMM inside BLAS; col2im over (image, input channel) planes.
+    """
+    batch, out_channels, out_h, out_w = grad_out.shape
+    _, channels, kernel_h, kernel_w = weight.shape
+    rows = channels * kernel_h * kernel_w
+    positions = out_h * out_w
+    w2t = weight.reshape(out_channels, rows).T
+    g = grad_out.reshape(batch, out_channels, positions)
+    if _is_pointwise(kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w):
+        grad_x = np.empty((batch, channels, positions), dtype=grad_out.dtype)
+        np.matmul(w2t, g, out=grad_x)
+        return grad_x.reshape(batch, channels, in_h, in_w)
+    grad_x = np.zeros((batch, channels, in_h, in_w), dtype=grad_out.dtype)
+    step, chunks = _chunks(batch, rows, positions, grad_out.itemsize)
+    cols = np.empty((step, rows, positions), dtype=grad_out.dtype)
+    for start, stop in chunks:
+        part = cols[: stop - start]
+        np.matmul(w2t, g[start:stop], out=part)
+        col2im_add(part, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, grad_x[start:stop])
+    return grad_x
+
+
+def conv2d_backward_weight(grad_out, x, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w):
+    """Gradient of the loss with respect to the filter bank.
+
+    Shapes: grad_out [N, O, Ho, Wo], x [N, C, H, W] -> grad_weight [O, C, kh, kw].
+    Gradient: dL/dW2 = sum_n dL/dy[n] @ im2col(x[n])^T, i.e.
+              dL/dweight[o, c, i, j] = sum_{n, oh, ow} dL/dy[n, o, oh, ow] * x[n, c, oh*sh - ph + i, ow*sw - pw + j].
+    Parallel: im2col over (image, row); the GEMMs inside BLAS. The columns are recomputed here
+    rather than kept from the forward pass, trading one cheap unfold for 9x the input's memory.
+    """
+    batch, out_channels, out_h, out_w = grad_out.shape
+    channels = x.shape[1]
+    rows = channels * kernel_h * kernel_w
+    g = grad_out.reshape(batch, out_channels, out_h * out_w)
+    grad_w2 = np.zeros((out_channels, rows), dtype=grad_out.dtype)
+    partial = np.empty_like(grad_w2)
+    for start, stop, cols in _unfolded_chunks(x, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w):
+        for b in range(stop - start):
+            np.matmul(g[start + b], cols[b].T, out=partial)
+            grad_w2 += partial
+    return grad_w2.reshape(out_channels, channels, kernel_h, kernel_w)

@@ -1,0 +1,473 @@
+"""Layers with hand-written backward passes, in torch.nn's image.
+
+Every layer computes its forward pass with the kernels of ``npanomaly.kernels`` and, in training
+mode only, keeps exactly what its backward pass needs. ``backward(grad_out)`` returns the gradient
+with respect to the layer's input and *adds* the parameter gradients into ``param.grad`` (as torch's
+``.backward()`` accumulates), then releases what it kept: a second ``backward`` needs a new forward.
+In evaluation mode nothing is kept, so inference holds no activations.
+
+Names, parameter layouts, initialisation and state-dict keys follow torch.nn, so weights can be
+copied across in either direction and every number cross-checked.
+"""
+
+import math
+
+import numpy as np
+
+from npanomaly import kernels
+from npanomaly._validation import (
+    check_array,
+    check_batch,
+    check_finite,
+    check_float_dtype,
+    check_nonnegative_float,
+    check_positive_int,
+    pair,
+)
+
+__all__ = ["AvgPool2d", "BatchNorm2d", "Conv2d", "MaxPool2d", "Module", "Parameter", "ReLU", "Sequential"]
+
+
+def _generator(seed):
+    """A numpy Generator from an int seed, a Generator (used as is) or None (fresh OS entropy)."""
+    if isinstance(seed, np.random.Generator):
+        return seed
+    return np.random.default_rng(seed)
+
+
+class Parameter:
+    """A learnable array and the gradient accumulated for it.
+
+    ``data`` is the value; ``grad`` is None until a backward pass adds to it; a parameter with
+    ``requires_grad=False`` (a frozen network) never receives a gradient.
+    """
+
+    def __init__(self, data, requires_grad=True):
+        self.data = data
+        self.grad = None
+        self.requires_grad = requires_grad
+
+    @property
+    def shape(self):
+        return self.data.shape
+
+    def accumulate(self, grad):
+        """Add grad into .grad (the first contribution is stored as is)."""
+        if not self.requires_grad:
+            return
+        if self.grad is None:
+            self.grad = grad
+        else:
+            self.grad += grad
+
+    def __repr__(self):
+        return f"Parameter(shape={self.data.shape}, dtype={self.data.dtype}, requires_grad={self.requires_grad})"
+
+
+class Module:
+    """Base class: forward/backward plumbing, parameters, modes, dtype and state dicts.
+
+    Subclasses implement ``_check_input`` (cheap structural checks, returns a contiguous array),
+    ``_forward`` and ``_backward``; they list their parameter and buffer attribute names in
+    ``_parameter_names`` and ``_buffer_names``.
+    """
+
+    _parameter_names = ()
+    _buffer_names = ()
+
+    def __init__(self):
+        self.training = True
+        self._saved = None  # what backward needs; set by a training-mode forward, freed by backward
+
+    # ----------------------------------------------------------------- forward / backward
+    def __call__(self, x):
+        return self.forward(x)
+
+    def forward(self, x):
+        """Apply the layer to a batch x [N, C, H, W] and return its output."""
+        x = self._check_input(x)
+        check_finite(x, "x")
+        return self._forward(x)
+
+    def backward(self, grad_out, input_grad=True):
+        """Back-propagate grad_out = dL/dy through the last training-mode forward.
+
+        Adds dL/dparam into each parameter's ``.grad`` and returns dL/dx, or None with
+        ``input_grad=False`` (the first layer of a network fed with images never needs it, and
+        skipping it saves a whole transposed convolution).
+        """
+        if self._saved is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.backward() needs a preceding forward() in training mode "
+                "(call .train() before forward; each forward allows one backward)"
+            )
+        grad_out = check_array(grad_out, "grad_out", len(self._saved_output_shape), self._saved_output_dtype)
+        if grad_out.shape != self._saved_output_shape:
+            raise ValueError(
+                f"grad_out must have the shape of the forward output {self._saved_output_shape}, got {grad_out.shape}"
+            )
+        return self._backward(grad_out, input_grad)
+
+    def _save(self, output, *tensors):
+        """Keep what backward needs (and the output's shape and dtype to check grad_out), in training mode only."""
+        if self.training:
+            self._saved = tensors
+            self._saved_output_shape = output.shape
+            self._saved_output_dtype = output.dtype
+
+    def _take_saved(self):
+        """Hand the saved tensors to backward and forget them."""
+        saved, self._saved = self._saved, None
+        return saved
+
+    # ----------------------------------------------------------------- structure
+    def named_children(self):
+        return []
+
+    def named_parameters(self, prefix=""):
+        """(name, Parameter) pairs with torch's dotted names, e.g. '0.weight'."""
+        for name in self._parameter_names:
+            param = getattr(self, name)
+            if param is not None:
+                yield prefix + name, param
+        for child_name, child in self.named_children():
+            yield from child.named_parameters(f"{prefix}{child_name}.")
+
+    def parameters(self):
+        """All parameters, in registration order (as torch's Module.parameters)."""
+        return [param for _, param in self.named_parameters()]
+
+    def _named_buffers(self, prefix=""):
+        for name in self._buffer_names:
+            yield prefix + name, name, self
+        for child_name, child in self.named_children():
+            yield from child._named_buffers(f"{prefix}{child_name}.")
+
+    def zero_grad(self, set_to_none=True):
+        """Clear the accumulated gradients (None, as torch >= 2.0 does, or zeros)."""
+        for param in self.parameters():
+            param.grad = None if set_to_none or param.grad is None else np.zeros_like(param.grad)
+
+    def train(self, mode=True):
+        """Training mode: batch norm uses batch statistics and layers keep what backward needs."""
+        self.training = bool(mode)
+        if not self.training:
+            self._saved = None
+        for _, child in self.named_children():
+            child.train(mode)
+        return self
+
+    def eval(self):
+        """Evaluation mode: running statistics, nothing kept for backward."""
+        return self.train(False)
+
+    def requires_grad_(self, requires_grad=True):
+        """Freeze (False) or unfreeze every parameter."""
+        for param in self.parameters():
+            param.requires_grad = requires_grad
+        return self
+
+    def to(self, dtype):
+        """Convert parameters, gradients and float buffers to float32 or float64, in place; returns self."""
+        dtype = check_float_dtype(dtype)
+        for param in self.parameters():
+            param.data = param.data.astype(dtype)
+            if param.grad is not None:
+                param.grad = param.grad.astype(dtype)
+        for _, attribute, owner in self._named_buffers():
+            value = getattr(owner, attribute)
+            if value.dtype.kind == "f":
+                setattr(owner, attribute, value.astype(dtype))
+        return self
+
+    def state_dict(self, prefix=""):
+        """Copies of every parameter and buffer under torch's state-dict keys, in torch's order."""
+        state = {}
+        for name in self._parameter_names:
+            param = getattr(self, name)
+            if param is not None:
+                state[prefix + name] = param.data.copy()
+        for name in self._buffer_names:
+            state[prefix + name] = np.array(getattr(self, name), copy=True)
+        for child_name, child in self.named_children():
+            state.update(child.state_dict(f"{prefix}{child_name}."))
+        return state
+
+    def load_state_dict(self, state, strict=True):
+        """Copy arrays from a state dict; keys and shapes are checked and mismatches named.
+
+        With ``strict=False`` missing and unexpected keys are tolerated (shapes are still checked).
+        Returns (missing_keys, unexpected_keys).
+        """
+        params = dict(self.named_parameters())
+        buffers = {name: (attribute, owner) for name, attribute, owner in self._named_buffers()}
+        expected = set(params) | set(buffers)
+        missing = sorted(expected - set(state))
+        unexpected = sorted(set(state) - expected)
+        if strict and (missing or unexpected):
+            raise ValueError(
+                f"state dict does not match {type(self).__name__}: missing keys {missing}, unexpected keys {unexpected}"
+            )
+        for name in sorted(expected & set(state)):
+            value = np.asarray(state[name])
+            if name in params:
+                target = params[name].data
+            else:
+                attribute, owner = buffers[name]
+                target = np.asarray(getattr(owner, attribute))
+            if value.shape != target.shape:
+                raise ValueError(f"state dict entry {name!r} has shape {value.shape}, expected {target.shape}")
+            converted = value.astype(target.dtype)
+            if name in params:
+                params[name].data = converted
+            else:
+                setattr(owner, attribute, converted if target.ndim else target.dtype.type(converted))
+        return missing, unexpected
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+    def extra_repr(self):
+        return ""
+
+
+class Conv2d(Module):
+    """2-D convolution, as torch.nn.Conv2d (groups=1, dilation=1, zero padding).
+
+    weight [out_channels, in_channels, kh, kw] and bias [out_channels] are initialised as torch does:
+    uniform in +-1/sqrt(fan_in) (kaiming_uniform with a=sqrt(5), and the same bound for the bias).
+    """
+
+    _parameter_names = ("weight", "bias")
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
+                 dtype=np.float32, seed=None):
+        super().__init__()
+        self.in_channels = check_positive_int(in_channels, "in_channels")
+        self.out_channels = check_positive_int(out_channels, "out_channels")
+        self.kernel_size = pair(kernel_size, "kernel_size")
+        self.stride = stride
+        self.padding = padding
+        self._stride = pair(stride, "stride")
+        self._padding = pair(padding, "padding")
+        for name, values, minimum in (("kernel_size", self.kernel_size, 1), ("stride", self._stride, 1),
+                                      ("padding", self._padding, 0)):
+            for value in values:
+                check_positive_int(value, name, minimum)
+        dtype = check_float_dtype(dtype)
+        rng = _generator(seed)
+        fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        bound = 1.0 / math.sqrt(fan_in)
+        shape = (self.out_channels, self.in_channels) + self.kernel_size
+        self.weight = Parameter(rng.uniform(-bound, bound, size=shape).astype(dtype))
+        self.bias = Parameter(rng.uniform(-bound, bound, size=self.out_channels).astype(dtype)) if bias else None
+
+    def _check_input(self, x):
+        x = check_batch(x, "x", self.in_channels, self.weight.data.dtype)
+        for axis, size, kernel, pad in zip(("height", "width"), x.shape[2:], self.kernel_size, self._padding):
+            if size + 2 * pad < kernel:
+                raise ValueError(
+                    f"x {axis} {size} plus padding 2*{pad} is smaller than the kernel ({kernel}): input shape {x.shape}"
+                )
+        return x
+
+    def _forward(self, x):
+        y = kernels.conv2d_forward(x, self.weight.data, None if self.bias is None else self.bias.data,
+                                   *self._stride, *self._padding)
+        self._save(y, x)
+        return y
+
+    def _backward(self, grad_out, input_grad):
+        (x,) = self._take_saved()
+        self.weight.accumulate(kernels.conv2d_backward_weight(grad_out, x, *self.kernel_size, *self._stride,
+                                                              *self._padding))
+        if self.bias is not None:
+            self.bias.accumulate(kernels.conv2d_backward_bias(grad_out))
+        if not input_grad:
+            return None
+        return kernels.conv2d_backward_input(grad_out, self.weight.data, x.shape[2], x.shape[3], *self._stride,
+                                             *self._padding)
+
+    def extra_repr(self):
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self._stride}, "
+                f"padding={self._padding}, bias={self.bias is not None}")
+
+
+class BatchNorm2d(Module):
+    """Batch normalisation over channels, as torch.nn.BatchNorm2d (affine, with running statistics).
+
+    Training mode normalises with the batch's mean and biased variance and updates
+    running_mean <- (1 - momentum) * running_mean + momentum * mean and running_var likewise with the
+    *unbiased* variance (M / (M - 1) times the biased one, M = N*H*W). ``momentum=None`` gives the
+    cumulative average over all batches seen, as in torch. Evaluation mode uses the running statistics.
+    """
+
+    _parameter_names = ("weight", "bias")
+    _buffer_names = ("running_mean", "running_var", "num_batches_tracked")
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, dtype=np.float32):
+        super().__init__()
+        self.num_features = check_positive_int(num_features, "num_features")
+        self.eps = check_nonnegative_float(eps, "eps")
+        self.momentum = None if momentum is None else check_nonnegative_float(momentum, "momentum")
+        dtype = check_float_dtype(dtype)
+        self.weight = Parameter(np.ones(num_features, dtype=dtype))
+        self.bias = Parameter(np.zeros(num_features, dtype=dtype))
+        self.running_mean = np.zeros(num_features, dtype=dtype)
+        self.running_var = np.ones(num_features, dtype=dtype)
+        self.num_batches_tracked = np.int64(0)
+
+    def _check_input(self, x):
+        x = check_batch(x, "x", self.num_features, self.weight.data.dtype)
+        if self.training and x.shape[0] * x.shape[2] * x.shape[3] < 2:
+            raise ValueError(
+                f"BatchNorm2d in training mode needs more than 1 value per channel, got input shape {x.shape}"
+            )
+        return x
+
+    def _forward(self, x):
+        if not self.training:
+            return kernels.batchnorm2d_eval_forward(x, self.weight.data, self.bias.data, self.running_mean,
+                                                    self.running_var, self.eps)
+        y, mean, var = kernels.batchnorm2d_train_forward(x, self.weight.data, self.bias.data, self.eps)
+        self.num_batches_tracked = np.int64(self.num_batches_tracked + 1)
+        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        count = x.shape[0] * x.shape[2] * x.shape[3]
+        dtype = self.running_mean.dtype
+        self.running_mean = ((1.0 - factor) * self.running_mean + factor * mean).astype(dtype)
+        self.running_var = ((1.0 - factor) * self.running_var + factor * var * (count / (count - 1))).astype(dtype)
+        self._save(y, x, mean, var)
+        return y
+
+    def _backward(self, grad_out, input_grad):
+        x, mean, var = self._take_saved()
+        grad_x, grad_weight, grad_bias = kernels.batchnorm2d_backward(grad_out, x, self.weight.data, mean, var,
+                                                                      self.eps)
+        self.weight.accumulate(grad_weight)
+        self.bias.accumulate(grad_bias)
+        return grad_x if input_grad else None
+
+    def extra_repr(self):
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
+
+
+class ReLU(Module):
+    """max(x, 0), elementwise, as torch.nn.ReLU."""
+
+    def _check_input(self, x):
+        return check_array(x, "x", 4)
+
+    def _forward(self, x):
+        y = kernels.relu_forward(x)
+        # The output is positive exactly where the input is, so keeping y (which the next layer
+        # keeps anyway) costs no extra memory.
+        self._save(y, y)
+        return y
+
+    def _backward(self, grad_out, input_grad):
+        (y,) = self._take_saved()
+        return kernels.relu_backward_input(grad_out, y) if input_grad else None
+
+
+class _Pool2d(Module):
+    """Shared checks of the pooling layers (floor mode, padding at most half the kernel, like torch)."""
+
+    def __init__(self, kernel_size, stride=None, padding=0):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.stride = kernel_size if stride is None else stride
+        self.padding = padding
+        self._kernel = pair(kernel_size, "kernel_size")
+        self._stride = pair(self.stride, "stride")
+        self._padding = pair(padding, "padding")
+        for name, values, minimum in (("kernel_size", self._kernel, 1), ("stride", self._stride, 1),
+                                      ("padding", self._padding, 0)):
+            for value in values:
+                check_positive_int(value, name, minimum)
+        if any(2 * p > k for p, k in zip(self._padding, self._kernel)):
+            raise ValueError(f"padding {self._padding} must be at most half of kernel_size {self._kernel}")
+
+    def _check_input(self, x):
+        x = check_batch(x, "x")
+        for axis, size, kernel, pad in zip(("height", "width"), x.shape[2:], self._kernel, self._padding):
+            if size + 2 * pad < kernel:
+                raise ValueError(
+                    f"x {axis} {size} plus padding 2*{pad} is smaller than the kernel ({kernel}): input shape {x.shape}"
+                )
+        return x
+
+    def extra_repr(self):
+        return f"kernel_size={self._kernel}, stride={self._stride}, padding={self._padding}"
+
+
+class MaxPool2d(_Pool2d):
+    """Max pooling, as torch.nn.MaxPool2d (dilation 1, floor mode)."""
+
+    def _forward(self, x):
+        y, argmax = kernels.max_pool2d_forward(x, *self._kernel, *self._stride, *self._padding)
+        self._save(y, argmax, x.shape)
+        return y
+
+    def _backward(self, grad_out, input_grad):
+        argmax, in_shape = self._take_saved()
+        if not input_grad:
+            return None
+        return kernels.max_pool2d_backward_input(grad_out, argmax, in_shape[2], in_shape[3])
+
+
+class AvgPool2d(_Pool2d):
+    """Average pooling, as torch.nn.AvgPool2d (floor mode; padding zeros count when count_include_pad)."""
+
+    def __init__(self, kernel_size, stride=None, padding=0, count_include_pad=True):
+        super().__init__(kernel_size, stride, padding)
+        self.count_include_pad = bool(count_include_pad)
+
+    def _forward(self, x):
+        y = kernels.avg_pool2d_forward(x, *self._kernel, *self._stride, *self._padding, self.count_include_pad)
+        self._save(y, x.shape)
+        return y
+
+    def _backward(self, grad_out, input_grad):
+        (in_shape,) = self._take_saved()
+        if not input_grad:
+            return None
+        return kernels.avg_pool2d_backward_input(grad_out, in_shape[2], in_shape[3], *self._kernel, *self._stride,
+                                                 *self._padding, self.count_include_pad)
+
+
+class Sequential(Module):
+    """Layers applied in order; backward runs them in reverse."""
+
+    def __init__(self, *layers):
+        super().__init__()
+        for index, layer in enumerate(layers):
+            if not isinstance(layer, Module):
+                raise TypeError(f"Sequential layer {index} must be an npanomaly.nn.Module, got {type(layer).__name__}")
+        self.layers = list(layers)
+
+    def named_children(self):
+        return [(str(index), layer) for index, layer in enumerate(self.layers)]
+
+    def __len__(self):
+        return len(self.layers)
+
+    def __getitem__(self, index):
+        return self.layers[index]
+
+    def _check_input(self, x):
+        return self.layers[0]._check_input(x) if self.layers else check_array(x, "x", 4)
+
+    def _forward(self, x):
+        # The input was checked for NaN once by forward(); between layers only the cheap structural
+        # checks run, so a mis-wired network still fails with a clear message.
+        for layer in self.layers:
+            x = layer._forward(layer._check_input(x))
+        return x
+
+    def backward(self, grad_out, input_grad=True):
+        for index in range(len(self.layers) - 1, -1, -1):
+            grad_out = self.layers[index].backward(grad_out, input_grad=input_grad or index > 0)
+        return grad_out
+
+    def extra_repr(self):
+        return "\n" + "".join(f"  ({i}): {layer!r}\n" for i, layer in enumerate(self.layers))
