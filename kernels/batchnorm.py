@@ -16,7 +16,7 @@ from ._config import PARALLEL_JIT_OPTIONS
 def batchnorm2d_train_forward(x, weight, bias, eps):
     """Normalise with the batch's own statistics (training mode).
 
-    Shapes: x [N, C, H, W], weight [C], bias [C] -> (y [N, C, H, W], batch_mean [C], batch_var [C]).
+    Shapes: x [N, C, H, W], weight [C], bias [C] -> (y [N, C, H, W], batch_mean [C], batch_var [C]), statistics in float64.
     Math: mean_c = (1/M) sum x,  var_c = (1/M) sum (x - mean_c)^2  (biased, as torch normalises with),
           y = (x - mean_c) / sqrt(var_c + eps) * weight_c + bias_c.
           The sums run on x minus the channel's first value, which keeps the one-pass variance
@@ -26,8 +26,10 @@ def batchnorm2d_train_forward(x, weight, bias, eps):
     batch, channels, height, width = x.shape
     count = batch * height * width
     y = np.empty_like(x)
-    batch_mean = np.empty(channels, dtype=x.dtype)
-    batch_var = np.empty(channels, dtype=x.dtype)
+    # float64 whatever x is: with a large mean, rounding the mean to float32 would shift every xhat
+    # (and the backward pass that reuses it) by up to half an ulp of the mean.
+    batch_mean = np.empty(channels, dtype=np.float64)
+    batch_var = np.empty(channels, dtype=np.float64)
     for c in prange(channels):
         shift = np.float64(x[0, c, 0, 0])
         total = 0.0
@@ -77,7 +79,7 @@ def batchnorm2d_eval_forward(x, weight, bias, running_mean, running_var, eps):
 def batchnorm2d_backward(grad_out, x, weight, batch_mean, batch_var, eps):
     """Gradients of training-mode batch norm with respect to its input, weight and bias.
 
-    Shapes: grad_out, x [N, C, H, W]; weight, batch_mean, batch_var [C]
+    Shapes: grad_out, x [N, C, H, W]; weight [C]; batch_mean, batch_var [C] float64
             -> (grad_x [N, C, H, W], grad_weight [C], grad_bias [C]).
     Gradient: with xhat = (x - mean_c) * inv_std_c and inv_std_c = 1 / sqrt(var_c + eps),
               dL/dbias_c = sum dy,  dL/dweight_c = sum dy * xhat,
@@ -91,8 +93,8 @@ def batchnorm2d_backward(grad_out, x, weight, batch_mean, batch_var, eps):
     grad_weight = np.empty(channels, dtype=x.dtype)
     grad_bias = np.empty(channels, dtype=x.dtype)
     for c in prange(channels):
-        mean = np.float64(batch_mean[c])
-        inv_std = 1.0 / math.sqrt(np.float64(batch_var[c]) + eps)
+        mean = batch_mean[c]
+        inv_std = 1.0 / math.sqrt(batch_var[c] + eps)
         sum_dy = 0.0
         sum_dy_xhat = 0.0
         for n in range(batch):

@@ -1,0 +1,141 @@
+"""Every kernel again, in plain, slow, obvious NumPy (float64), written for clarity.
+
+These are the oracles of the kernel tests. They follow the textbook definitions window by window,
+share no code with the package, and are only ever run on tiny shapes.
+"""
+
+import numpy as np
+
+
+def pad_image(x, pad_h, pad_w, value=0.0):
+    return np.pad(x, ((0, 0), (0, 0), (pad_h, pad_h), (pad_w, pad_w)), constant_values=value)
+
+
+def out_size(size, kernel, stride, pad):
+    return (size + 2 * pad - kernel) // stride + 1
+
+
+def conv2d(x, weight, bias, stride, pad):
+    """y[n, o, i, j] = bias[o] + sum(window(n, i, j) * weight[o])."""
+    (sh, sw), (ph, pw) = stride, pad
+    n, c, h, w = x.shape
+    o, _, kh, kw = weight.shape
+    xp = pad_image(x.astype(np.float64), ph, pw)
+    ho, wo = out_size(h, kh, sh, ph), out_size(w, kw, sw, pw)
+    y = np.zeros((n, o, ho, wo))
+    for b in range(n):
+        for i in range(ho):
+            for j in range(wo):
+                window = xp[b, :, i * sh:i * sh + kh, j * sw:j * sw + kw]
+                for f in range(o):
+                    y[b, f, i, j] = np.sum(window * weight[f])
+    if bias is not None:
+        y += np.asarray(bias, dtype=np.float64)[None, :, None, None]
+    return y
+
+
+def conv2d_grads(x, weight, grad_out, stride, pad):
+    """(dL/dx, dL/dweight, dL/dbias) by sending each output's gradient back over its window."""
+    (sh, sw), (ph, pw) = stride, pad
+    n, c, h, w = x.shape
+    o, _, kh, kw = weight.shape
+    xp = pad_image(x.astype(np.float64), ph, pw)
+    grad_xp = np.zeros_like(xp)
+    grad_w = np.zeros(weight.shape)
+    _, _, ho, wo = grad_out.shape
+    for b in range(n):
+        for i in range(ho):
+            for j in range(wo):
+                window = xp[b, :, i * sh:i * sh + kh, j * sw:j * sw + kw]
+                for f in range(o):
+                    g = grad_out[b, f, i, j]
+                    grad_w[f] += g * window
+                    grad_xp[b, :, i * sh:i * sh + kh, j * sw:j * sw + kw] += g * weight[f]
+    grad_x = grad_xp[:, :, ph:ph + h, pw:pw + w]
+    grad_b = grad_out.sum(axis=(0, 2, 3))
+    return grad_x, grad_w, grad_b
+
+
+def batchnorm_train(x, weight, bias, eps):
+    """(y, mean, biased var) with the batch statistics."""
+    x = x.astype(np.float64)
+    mean = x.mean(axis=(0, 2, 3))
+    var = x.var(axis=(0, 2, 3))
+    xhat = (x - mean[None, :, None, None]) / np.sqrt(var[None, :, None, None] + eps)
+    return xhat * weight[None, :, None, None] + bias[None, :, None, None], mean, var
+
+
+def batchnorm_eval(x, weight, bias, running_mean, running_var, eps):
+    shape = (1, -1, 1, 1)
+    return ((x - running_mean.reshape(shape)) / np.sqrt(running_var.reshape(shape) + eps) * weight.reshape(shape)
+            + bias.reshape(shape))
+
+
+def batchnorm_grads(x, weight, grad_out, eps):
+    """The step-by-step chain rule through mean and variance (the classic derivation)."""
+    x = x.astype(np.float64)
+    axes = (0, 2, 3)
+    m = x.shape[0] * x.shape[2] * x.shape[3]
+    mean = x.mean(axis=axes, keepdims=True)
+    var = x.var(axis=axes, keepdims=True)
+    std_inv = 1.0 / np.sqrt(var + eps)
+    xhat = (x - mean) * std_inv
+    w = weight.reshape(1, -1, 1, 1)
+    grad_xhat = grad_out * w
+    grad_var = np.sum(grad_xhat * (x - mean) * -0.5 * std_inv**3, axis=axes, keepdims=True)
+    grad_mean = np.sum(-grad_xhat * std_inv, axis=axes, keepdims=True) + grad_var * np.mean(
+        -2.0 * (x - mean), axis=axes, keepdims=True)
+    grad_x = grad_xhat * std_inv + grad_var * 2.0 * (x - mean) / m + grad_mean / m
+    return grad_x, np.sum(grad_out * xhat, axis=axes), np.sum(grad_out, axis=axes)
+
+
+def relu(x):
+    return np.where(x > 0, x, 0.0)
+
+
+def relu_grad(x, grad_out):
+    return np.where(x > 0, grad_out, 0.0)
+
+
+def max_pool2d(x, kernel, stride, pad):
+    """(y, argmax as h*W + w): the first maximum of each window, padding never chosen."""
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, pad
+    n, c, h, w = x.shape
+    xp = pad_image(x.astype(np.float64), ph, pw, value=-np.inf)
+    ho, wo = out_size(h, kh, sh, ph), out_size(w, kw, sw, pw)
+    y = np.zeros((n, c, ho, wo))
+    argmax = np.zeros((n, c, ho, wo), dtype=np.int64)
+    for b in range(n):
+        for ch in range(c):
+            for i in range(ho):
+                for j in range(wo):
+                    window = xp[b, ch, i * sh:i * sh + kh, j * sw:j * sw + kw]
+                    flat = int(np.argmax(window))  # numpy returns the first maximum, like torch
+                    wi, wj = divmod(flat, kw)
+                    y[b, ch, i, j] = window[wi, wj]
+                    argmax[b, ch, i, j] = (i * sh + wi - ph) * w + (j * sw + wj - pw)
+    return y, argmax
+
+
+def max_pool2d_grad(x_shape, argmax, grad_out):
+    n, c, h, w = x_shape
+    grad_x = np.zeros((n, c, h * w))
+    for b in range(n):
+        for ch in range(c):
+            np.add.at(grad_x[b, ch], argmax[b, ch].ravel(), grad_out[b, ch].ravel())
+    return grad_x.reshape(x_shape)
+
+
+def avg_pool2d(x, kernel, stride, pad, count_include_pad):
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, pad
+    n, c, h, w = x.shape
+    xp = pad_image(x.astype(np.float64), ph, pw)
+    inside = pad_image(np.ones((1, 1, h, w)), ph, pw)
+    ho, wo = out_size(h, kh, sh, ph), out_size(w, kw, sw, pw)
+    y = np.zeros((n, c, ho, wo))
+    for i in range(ho):
+        for j in range(wo):
+            window = xp[:, :, i * sh:i * sh + kh, j * sw:j * sw + kw]
+            divisor = kh * kw if count_include_pad else inside[0, 0, i * sh:i * sh + kh, j * sw:j * sw + kw].sum()
+            y[:, :, i, j] = window.sum(axis=(2, 3)) / divisor
+    return y

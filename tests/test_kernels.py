@@ -1,0 +1,145 @@
+"""Kernels == the plain-NumPy reference on hypothesis-drawn consistent cases, in float32 and float64."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import reference as ref
+from npanomaly import kernels as K
+from strategies import random_array, window_cases
+
+DTYPES = [np.float32, np.float64]
+TOL = {np.float32: dict(rtol=2e-5, atol=2e-5), np.float64: dict(rtol=1e-11, atol=1e-11)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(case=window_cases(), out_channels=st.integers(1, 4), with_bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_conv2d_forward_and_backward_match_reference(dtype, case, out_channels, with_bias, seed):
+    shape, kernel, stride, pad = case
+    x = random_array(seed, shape, dtype)
+    weight = random_array(seed + 1, (out_channels, shape[1]) + kernel, dtype)
+    bias = random_array(seed + 2, (out_channels,), dtype) if with_bias else None
+    y = K.conv2d_forward(x, weight, bias, *stride, *pad)
+    expected = ref.conv2d(x, weight, bias, stride, pad)
+    assert y.dtype == dtype and y.shape == expected.shape
+    np.testing.assert_allclose(y, expected, **TOL[dtype])
+
+    grad_out = random_array(seed + 3, y.shape, dtype)
+    grad_x, grad_w, grad_b = ref.conv2d_grads(x, weight, grad_out, stride, pad)
+    np.testing.assert_allclose(K.conv2d_backward_input(grad_out, weight, shape[2], shape[3], *stride, *pad),
+                               grad_x, **TOL[dtype])
+    np.testing.assert_allclose(K.conv2d_backward_weight(grad_out, x, *kernel, *stride, *pad), grad_w, **TOL[dtype])
+    np.testing.assert_allclose(K.conv2d_backward_bias(grad_out), grad_b, **TOL[dtype])
+
+
+def test_conv2d_chunking_does_not_change_results(monkeypatch):
+    """Images split across several im2col chunks give the same numbers as one chunk."""
+    import npanomaly.kernels.conv as conv
+
+    x = random_array(0, (5, 3, 11, 9), np.float64)
+    weight = random_array(1, (4, 3, 3, 2), np.float64)
+    grad_out = random_array(2, (5, 4, 6, 9), np.float64)
+    whole = (conv.conv2d_forward(x, weight, None, 2, 1, 1, 1),
+             conv.conv2d_backward_input(grad_out, weight, 11, 9, 2, 1, 1, 1),
+             conv.conv2d_backward_weight(grad_out, x, 3, 2, 2, 1, 1, 1))
+    one_image = 3 * 3 * 2 * 6 * 9 * 8
+    monkeypatch.setattr(conv, "IM2COL_BUDGET_BYTES", 2 * one_image)  # chunks of 2, 2 and 1 images
+    assert conv._chunks(5, 18, 54, 8)[1] == [(0, 2), (2, 4), (4, 5)]
+    chunked = (conv.conv2d_forward(x, weight, None, 2, 1, 1, 1),
+               conv.conv2d_backward_input(grad_out, weight, 11, 9, 2, 1, 1, 1),
+               conv.conv2d_backward_weight(grad_out, x, 3, 2, 2, 1, 1, 1))
+    for a, b in zip(whole, chunked):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(shape=st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 6), st.integers(1, 6))
+       .filter(lambda s: s[0] * s[2] * s[3] > 1),
+       seed=st.integers(0, 2**16), offset=st.sampled_from([0.0, 1e3]))
+def test_batchnorm_matches_reference(dtype, shape, seed, offset):
+    x = random_array(seed, shape, dtype) + dtype(offset)  # a large mean must not spoil the variance
+    weight = random_array(seed + 1, shape[1:2], dtype)
+    bias = random_array(seed + 2, shape[1:2], dtype)
+    eps = 1e-5
+    y, mean, var = K.batchnorm2d_train_forward(x, weight, bias, eps)
+    y_ref, mean_ref, var_ref = ref.batchnorm_train(x, weight, bias, eps)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-8, atol=1e-8)
+    np.testing.assert_allclose(mean, mean_ref, **TOL[dtype])
+    np.testing.assert_allclose(var, var_ref, rtol=tol["rtol"], atol=1e-10)
+    np.testing.assert_allclose(y, y_ref, **tol)
+
+    running_mean = random_array(seed + 3, shape[1:2], dtype)
+    running_var = random_array(seed + 4, shape[1:2], dtype, 0.5, 2.0)
+    np.testing.assert_allclose(K.batchnorm2d_eval_forward(x, weight, bias, running_mean, running_var, eps),
+                               ref.batchnorm_eval(x.astype(np.float64), weight, bias, running_mean, running_var, eps),
+                               **tol)
+
+    grad_out = random_array(seed + 5, shape, dtype)
+    grad_x, grad_w, grad_b = K.batchnorm2d_backward(grad_out, x, weight, mean, var, eps)
+    grad_x_ref, grad_w_ref, grad_b_ref = ref.batchnorm_grads(x, weight, grad_out, eps)
+    np.testing.assert_allclose(grad_x, grad_x_ref, **tol)
+    np.testing.assert_allclose(grad_w, grad_w_ref, **tol)
+    np.testing.assert_allclose(grad_b, grad_b_ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(shape=st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 7), st.integers(1, 7)),
+       seed=st.integers(0, 2**16))
+def test_relu_matches_reference(dtype, shape, seed):
+    x = random_array(seed, shape, dtype)
+    x.flat[0] = 0.0  # the kink itself: gradient 0, as torch
+    grad_out = random_array(seed + 1, shape, dtype)
+    np.testing.assert_array_equal(K.relu_forward(x), ref.relu(x))
+    np.testing.assert_array_equal(K.relu_backward_input(grad_out, x), ref.relu_grad(x, grad_out))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(case=window_cases(pool=True), seed=st.integers(0, 2**16), ties=st.booleans())
+def test_max_pool_matches_reference(dtype, case, seed, ties):
+    shape, kernel, stride, pad = case
+    x = random_array(seed, shape, dtype)
+    if ties:  # few distinct values: the first maximum in window order must win, as in torch
+        x = np.round(x * 2).astype(dtype)
+    y, argmax = K.max_pool2d_forward(x, *kernel, *stride, *pad)
+    y_ref, argmax_ref = ref.max_pool2d(x, kernel, stride, pad)
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(argmax, argmax_ref)
+    grad_out = random_array(seed + 1, y.shape, dtype)
+    np.testing.assert_allclose(K.max_pool2d_backward_input(grad_out, argmax, shape[2], shape[3]),
+                               ref.max_pool2d_grad(shape, argmax_ref, grad_out), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(case=window_cases(pool=True), seed=st.integers(0, 2**16), count_include_pad=st.booleans())
+def test_avg_pool_matches_reference_and_its_adjoint(dtype, case, seed, count_include_pad):
+    shape, kernel, stride, pad = case
+    x = random_array(seed, shape, dtype)
+    y = K.avg_pool2d_forward(x, *kernel, *stride, *pad, count_include_pad)
+    np.testing.assert_allclose(y, ref.avg_pool2d(x, kernel, stride, pad, count_include_pad), **TOL[dtype])
+    # Average pooling is linear, so its backward is its adjoint: <A x, g> == <x, A^T g>.
+    grad_out = random_array(seed + 1, y.shape, dtype)
+    grad_x = K.avg_pool2d_backward_input(grad_out, shape[2], shape[3], *kernel, *stride, *pad, count_include_pad)
+    lhs = np.sum(y.astype(np.float64) * grad_out)
+    rhs = np.sum(x.astype(np.float64) * grad_x)
+    assert abs(lhs - rhs) <= (1e-4 if dtype == np.float32 else 1e-10) * max(1.0, abs(lhs))
+
+
+def test_patchcore_neighbourhood_average_counts_padding():
+    """3x3/stride 1/pad 1 with count_include_pad: a corner of a constant map is 4/9 of the constant."""
+    x = np.ones((1, 1, 4, 5))
+    y = K.avg_pool2d_forward(x, 3, 3, 1, 1, 1, 1, True)
+    assert y.shape == x.shape
+    assert y[0, 0, 0, 0] == pytest.approx(4 / 9) and y[0, 0, 0, 2] == pytest.approx(6 / 9)
+    assert y[0, 0, 1, 1] == pytest.approx(1.0)
+    assert K.avg_pool2d_forward(x, 3, 3, 1, 1, 1, 1, False)[0, 0, 0, 0] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_all_finite(dtype):
+    x = np.zeros((2, 3, 4, 5), dtype)
+    assert K.all_finite(x)
+    for bad in (np.nan, np.inf, -np.inf):
+        y = x.copy()
+        y[1, 2, 3, 4] = bad
+        assert not K.all_finite(y)

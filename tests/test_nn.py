@@ -1,0 +1,167 @@
+"""Layer behaviour that is not arithmetic: modes, memory, state dicts, and every bad input."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from npanomaly import nn, optim
+
+
+def small_net():
+    return nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1, seed=0), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Conv2d(4, 2, 1, seed=1))
+
+
+def images(shape=(2, 3, 8, 8), dtype=np.float32):
+    return np.random.default_rng(0).random(shape).astype(dtype)
+
+
+def test_inference_keeps_no_activations():
+    net = small_net().eval()
+    net(images())
+    assert all(layer._saved is None for layer in net.layers)
+    with pytest.raises(RuntimeError, match="training mode"):
+        net.backward(np.ones((2, 2, 2, 2), np.float32))
+
+
+def test_one_backward_per_forward():
+    net = small_net().train()
+    y = net(images())
+    net.backward(np.ones_like(y))
+    assert all(layer._saved is None for layer in net.layers)
+    with pytest.raises(RuntimeError, match="preceding forward"):
+        net.backward(np.ones_like(y))
+
+
+def test_input_grad_false_skips_the_first_layers_input_gradient():
+    net = small_net().train()
+    y = net(images())
+    assert net.backward(np.ones_like(y), input_grad=False) is None
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def test_frozen_parameters_receive_no_gradient():
+    net = small_net().train().requires_grad_(False)
+    y = net(images())
+    net.backward(np.ones_like(y))
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_eval_uses_running_statistics_so_scores_do_not_depend_on_the_batch():
+    net = small_net()
+    for _ in range(3):
+        net(images((4, 3, 8, 8)))
+    net.eval()
+    batch = images((4, 3, 8, 8))
+    np.testing.assert_array_equal(net(batch)[:1], net(batch[:1]))
+
+
+def test_state_dict_round_trip_and_torch_key_names():
+    net = small_net()
+    net(images())
+    state = net.state_dict()
+    assert list(state) == ["0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var",
+                           "1.num_batches_tracked", "4.weight", "4.bias"]
+    assert int(state["1.num_batches_tracked"]) == 1
+    other = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1, seed=5), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.MaxPool2d(2), nn.Conv2d(4, 2, 1, seed=6))
+    other.load_state_dict(state)
+    net.eval()
+    other.eval()
+    np.testing.assert_array_equal(net(images()), other(images()))
+    with pytest.raises(ValueError, match=r"missing keys \['4.bias'\]"):
+        other.load_state_dict({k: v for k, v in state.items() if k != "4.bias"})
+    with pytest.raises(ValueError, match="unexpected keys"):
+        other.load_state_dict(dict(state, extra=np.zeros(1)))
+    with pytest.raises(ValueError, match="'0.weight' has shape"):
+        other.load_state_dict(dict(state, **{"0.weight": np.zeros((4, 3, 2, 2))}))
+
+
+def test_to_float64_converts_parameters_and_buffers():
+    net = small_net().to(np.float64)
+    assert all(p.data.dtype == np.float64 for p in net.parameters())
+    assert net.layers[1].running_var.dtype == np.float64
+    assert net(images(dtype=np.float64)).dtype == np.float64
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("bad,error,match", [
+    (np.zeros((3, 8, 8), np.float32), ValueError, r"4 dimensions, got shape \(3, 8, 8\)"),
+    (np.zeros((2, 5, 8, 8), np.float32), ValueError, r"3 channels .* got shape \(2, 5, 8, 8\)"),
+    (np.zeros((0, 3, 8, 8), np.float32), ValueError, "empty batch"),
+    (np.zeros((2, 3, 8, 8), np.int64), TypeError, "float32 or float64, got int64"),
+    (np.zeros((2, 3, 8, 8), np.float64), TypeError, "dtype float64 but the layer's parameters are float32"),
+    ([[[[0.0]]]], TypeError, "numpy.ndarray, got list"),
+    (np.zeros((1, 3, 1, 8), np.float32), ValueError, "height 1 plus padding 2\\*0 is smaller than the kernel"),
+])
+def test_conv_bad_input(bad, error, match):
+    with pytest.raises(error, match=match):
+        nn.Conv2d(3, 4, 3)(bad)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_non_finite_input_is_refused(value):
+    x = images()
+    x[1, 2, 3, 4] = value
+    for layer in (nn.Conv2d(3, 4, 3), nn.BatchNorm2d(3), nn.ReLU(), small_net()):
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            layer(x)
+
+
+@given(dtype=st.sampled_from([np.int8, np.int32, np.uint8, np.float16, np.complex64, np.bool_]))
+def test_non_float_dtypes_are_type_errors(dtype):
+    for layer in (nn.Conv2d(3, 4, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2)):
+        with pytest.raises(TypeError, match="float32 or float64"):
+            layer(np.zeros((1, 3, 4, 4), dtype=dtype))
+
+
+def test_miswired_network_fails_clearly():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(5, 2, 3))
+    with pytest.raises(ValueError, match="5 channels"):
+        net(images())
+
+
+def test_batchnorm_training_needs_more_than_one_value_per_channel():
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        nn.BatchNorm2d(3)(np.ones((1, 3, 1, 1), np.float32))
+    nn.BatchNorm2d(3).eval()(np.ones((1, 3, 1, 1), np.float32))  # fine in eval mode
+
+
+def test_grad_out_is_checked():
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    y = conv(images())
+    with pytest.raises(ValueError, match="shape of the forward output"):
+        conv.backward(np.ones((2, 4, 7, 8), np.float32))
+    conv(images())
+    with pytest.raises(TypeError, match="float32"):
+        conv.backward(np.ones_like(y, dtype=np.float64))
+
+
+@pytest.mark.parametrize("make,error,match", [
+    (lambda: nn.Conv2d(3, 4, 0), ValueError, "kernel_size must be >= 1"),
+    (lambda: nn.Conv2d(3, 4, 3, stride=0), ValueError, "stride must be >= 1"),
+    (lambda: nn.Conv2d(3, 4, 3, padding=-1), ValueError, "padding must be >= 0"),
+    (lambda: nn.Conv2d(3, 4, "3"), TypeError, "kernel_size must be an int or a pair"),
+    (lambda: nn.Conv2d(0, 4, 3), ValueError, "in_channels must be >= 1"),
+    (lambda: nn.Conv2d(3, 4, 3, dtype=np.int32), TypeError, "dtype must be float32 or float64"),
+    (lambda: nn.BatchNorm2d(3, eps=-1), ValueError, "eps must be"),
+    (lambda: nn.MaxPool2d(2, padding=2), ValueError, "at most half of kernel_size"),
+    (lambda: nn.Sequential(nn.ReLU(), "relu"), TypeError, "layer 1 must be an npanomaly.nn.Module"),
+    (lambda: optim.SGD([], lr=0.1), ValueError, "empty parameter list"),
+    (lambda: optim.SGD(small_net().parameters(), lr=-1), ValueError, "lr must be"),
+    (lambda: optim.Adam(small_net().parameters(), betas=(0.9, 1.0)), ValueError, r"betas must lie in \[0, 1\)"),
+    (lambda: optim.SGD(small_net().parameters(), lr=0.1, nesterov=True), ValueError, "nesterov"),
+])
+def test_bad_construction(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_optimizer_skips_parameters_without_gradient():
+    net = small_net()
+    before = [p.data.copy() for p in net.parameters()]
+    optim.SGD(net.parameters(), lr=0.1, momentum=0.9).step()
+    for a, p in zip(before, net.parameters()):
+        np.testing.assert_array_equal(a, p.data)
