@@ -14,4 +14,4 @@ PARALLEL_JIT_OPTIONS = dict(JIT_OPTIONS, parallel=True)
 # Convolution lowers each image to a column matrix [C*kh*kw, Ho*Wo] and multiplies it with BLAS.
 # Images are processed in chunks whose column matrices together stay under this many bytes, so the
 # extra memory of im2col is bounded whatever the batch size.
-IM2COL_BUDGET_BYTES = 64 * 1024 * 1024
+IM2COL_BUDGET_BYTES = 32 * 1024 * 1024

@@ -4,7 +4,18 @@ Layers with hand-written backward passes live in ``npanomaly.nn`` and ``npanomal
 kernels under them in ``npanomaly.kernels``.
 """
 
-from npanomaly import kernels, nn, optim
+import os
+import sys
+
+if "numpy" not in sys.modules:
+    # NumPy's OpenBLAS keeps its worker threads spinning for ~0.1 s after every matrix product. The
+    # convolutions alternate BLAS products with Numba loops, and on a small machine the spinning
+    # threads steal the cores those loops need (measured: 25% slower convolutions on 2 cores).
+    # The variable is read once, when NumPy loads OpenBLAS, so it only helps when npanomaly is
+    # imported first; a value the user set is left alone. See README, "Speed".
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
+from npanomaly import kernels, nn, optim  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -1,0 +1,193 @@
+"""Layer kernels against torch (CPU), side by side in one process with the same thread count.
+
+    python benchmarks/bench_layers.py [--threads 2] [--repeats 7] [--quick] [--no-compile]
+
+Prints, for each case, the median wall time of npanomaly and of torch over --repeats runs (after a
+warm-up) and their ratio (npanomaly / torch: below 1 means npanomaly is faster). Cases: the seed
+backbone's convolutions on a batch of 8 RGB 256x256 images, WideResNet-50-2 layer2/layer3 shapes
+(224x224 input, batch 8), batch norm, and a whole Conv-BN-ReLU x3 training step with SGD.
+Unless --no-compile, it first measures the Numba compile time of all layer kernels in a fresh
+process with an empty cache, and again in a second process that loads the cache.
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--quick", action="store_true", help="batch 2 instead of 8 (a smoke run)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the compile-time measurement")
+    return parser.parse_args()
+
+
+ARGS = parse_args()
+for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+    os.environ[variable] = str(ARGS.threads)
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # what `import npanomaly` before numpy sets (README, "Speed")
+
+import numpy as np  # noqa: E402  (after the thread variables, which BLAS reads at load time)
+
+COMPILE_SCRIPT = textwrap.dedent("""
+    import time
+    t0 = time.perf_counter()
+    import numpy as np
+    from npanomaly import nn, optim
+    t1 = time.perf_counter()
+    for dtype in (np.float32, np.float64):
+        net = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                            nn.MaxPool2d(2), nn.AvgPool2d(3, 1, 1), nn.Conv2d(4, 2, 1)).to(dtype)
+        x = np.ones((2, 3, 16, 16), dtype)
+        y = net(x)
+        net.backward(np.ones_like(y))
+        net.eval()(x)
+    print(f"{t1 - t0:.2f} {time.perf_counter() - t1:.2f}")
+""")
+
+
+def compile_times():
+    """(import s, first-call compile s) in a fresh process with an empty cache, then with the cache."""
+    results = []
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        for _ in range(2):
+            out = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True,
+                                 check=True).stdout.split()
+            results.append(tuple(float(v) for v in out))
+    return results
+
+
+def median_time(function, repeats):
+    function()  # warm-up: compilation, caches, allocator
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def main():
+    import numba
+    import torch
+
+    from npanomaly import kernels as K
+    from npanomaly import nn, optim
+
+    numba.set_num_threads(ARGS.threads)
+    torch.set_num_threads(ARGS.threads)
+    batch = 2 if ARGS.quick else 8
+    rng = np.random.default_rng(0)
+    rows = []
+
+    def compare(name, ours, theirs):
+        t_ours, t_torch = median_time(ours, ARGS.repeats), median_time(theirs, ARGS.repeats)
+        rows.append((name, t_ours, t_torch))
+        print(f"{name:<44} {t_ours * 1e3:9.2f} ms {t_torch * 1e3:9.2f} ms   {t_ours / t_torch:5.2f}x", flush=True)
+
+    print(f"threads={ARGS.threads} batch={batch} repeats={ARGS.repeats} numpy={np.__version__} "
+          f"numba={numba.__version__} torch={torch.__version__}")
+    if not ARGS.no_compile:
+        (imp0, cold), (imp1, warm) = compile_times()
+        print(f"compile all layer kernels (float32+float64): cold {cold:.1f} s, cached {warm:.1f} s "
+              f"(import {imp0:.1f} s / {imp1:.1f} s)")
+    print(f"{'case':<44} {'npanomaly':>12} {'torch':>12}   ratio")
+
+    convs = [  # name, in, out, kernel, stride, pad, size
+        ("seed conv1 3->64 k3 s2 @256", 3, 64, 3, 2, 1, 256),
+        ("seed conv2 64->128 k3 s2 @128", 64, 128, 3, 2, 1, 128),
+        ("seed conv3 128->256 k3 s2 @64", 128, 256, 3, 2, 1, 64),
+        ("wrn layer2 conv1 512->256 k1 @28", 512, 256, 1, 1, 0, 28),
+        ("wrn layer2 conv2 256->256 k3 @28", 256, 256, 3, 1, 1, 28),
+        ("wrn layer3 conv2 512->512 k3 @14", 512, 512, 3, 1, 1, 14),
+        ("wrn layer3 conv3 512->1024 k1 @14", 512, 1024, 1, 1, 0, 14),
+    ]
+    for name, cin, cout, k, s, p, size in convs:
+        x = rng.standard_normal((batch, cin, size, size), dtype=np.float32)
+        w = (rng.standard_normal((cout, cin, k, k), dtype=np.float32) / np.sqrt(cin * k * k)).astype(np.float32)
+        b = rng.standard_normal(cout, dtype=np.float32)
+        y = K.conv2d_forward(x, w, b, s, s, p, p)
+        g = rng.standard_normal(y.shape, dtype=np.float32)
+        xt, wt, bt, gt = (torch.from_numpy(a) for a in (x, w, b, g))
+
+        def torch_forward():
+            with torch.no_grad():
+                torch.nn.functional.conv2d(xt, wt, bt, stride=s, padding=p)
+
+        def our_backward():
+            K.conv2d_backward_input(g, w, size, size, s, s, p, p)
+            K.conv2d_backward_weight(g, x, k, k, s, s, p, p)
+            K.conv2d_backward_bias(g)
+
+        def torch_backward():  # what autograd runs for a conv whose input needs a gradient
+            torch.ops.aten.convolution_backward(gt, xt, wt, [cout], [s, s], [p, p], [1, 1], False, [0, 0], 1,
+                                                [True, True, True])
+
+        compare(f"conv fwd  {name}", lambda: K.conv2d_forward(x, w, b, s, s, p, p), torch_forward)
+        compare(f"conv bwd  {name}", our_backward, torch_backward)
+
+    x = rng.standard_normal((batch, 128, 64, 64), dtype=np.float32)
+    ones, zeros = np.ones(128, np.float32), np.zeros(128, np.float32)
+    y, mean, var = K.batchnorm2d_train_forward(x, ones, zeros, 1e-5)
+    g = rng.standard_normal(x.shape, dtype=np.float32)
+    xt = torch.from_numpy(x).requires_grad_(True)
+    bn_t = torch.nn.BatchNorm2d(128)
+    with torch.no_grad():
+        compare("bn train fwd 128ch @64", lambda: K.batchnorm2d_train_forward(x, ones, zeros, 1e-5),
+                lambda: bn_t(xt))
+    yt = bn_t(xt)
+    gt = torch.from_numpy(g)
+    compare("bn bwd 128ch @64", lambda: K.batchnorm2d_backward(g, x, ones, mean, var, 1e-5),
+            lambda: torch.autograd.grad(yt, xt, gt, retain_graph=True))
+
+    # One training step of the seed backbone: three Conv-BN-ReLU blocks, SGD with momentum.
+    net = nn.Sequential(nn.Conv2d(3, 64, 3, 2, 1, seed=0), nn.BatchNorm2d(64), nn.ReLU(),
+                        nn.Conv2d(64, 128, 3, 2, 1, seed=1), nn.BatchNorm2d(128), nn.ReLU(),
+                        nn.Conv2d(128, 256, 3, 2, 1, seed=2), nn.BatchNorm2d(256), nn.ReLU())
+    twin = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3, 2, 1), torch.nn.BatchNorm2d(64), torch.nn.ReLU(),
+                               torch.nn.Conv2d(64, 128, 3, 2, 1), torch.nn.BatchNorm2d(128), torch.nn.ReLU(),
+                               torch.nn.Conv2d(128, 256, 3, 2, 1), torch.nn.BatchNorm2d(256), torch.nn.ReLU())
+    opt = optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    topt = torch.optim.SGD(twin.parameters(), lr=0.01, momentum=0.9)
+    images = rng.random((batch, 3, 256, 256), dtype=np.float32)
+    timages = torch.from_numpy(images)
+
+    def our_step():
+        opt.zero_grad()
+        out = net(images)
+        net.backward(out * (2.0 / out.size), input_grad=False)  # d/dy of mean(y^2)
+        opt.step()
+
+    def torch_step():
+        topt.zero_grad()
+        torch.mean(twin(timages) ** 2).backward()
+        topt.step()
+
+    def our_inference():
+        net.eval()(images)
+        net.train()
+
+    def torch_inference():
+        twin.eval()
+        with torch.no_grad():
+            twin(timages)
+        twin.train()
+
+    compare("seed backbone forward (eval)", our_inference, torch_inference)
+    compare("seed backbone train step (SGD)", our_step, torch_step)
+
+    forward = [r[1] / r[2] for r in rows if "fwd" in r[0] or "forward" in r[0]]
+    backward = [r[1] / r[2] for r in rows if "bwd" in r[0] or "step" in r[0]]
+    print(f"geometric mean ratio: forward {np.exp(np.mean(np.log(forward))):.2f}x, "
+          f"backward/step {np.exp(np.mean(np.log(backward))):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
