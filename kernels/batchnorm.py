@@ -9,10 +9,10 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from ._config import PARALLEL_JIT_OPTIONS
+from ._config import PARALLEL_JIT_OPTIONS, REDUCTION_JIT_OPTIONS
 
 
-@njit(**PARALLEL_JIT_OPTIONS)
+@njit(**REDUCTION_JIT_OPTIONS)
 def batchnorm2d_train_forward(x, weight, bias, eps):
     """Normalise with the batch's own statistics (training mode).
 
@@ -75,7 +75,7 @@ def batchnorm2d_eval_forward(x, weight, bias, running_mean, running_var, eps):
     return y
 
 
-@njit(**PARALLEL_JIT_OPTIONS)
+@njit(**REDUCTION_JIT_OPTIONS)
 def batchnorm2d_backward(grad_out, x, weight, batch_mean, batch_var, eps):
     """Gradients of training-mode batch norm with respect to its input, weight and bias.
 

@@ -17,7 +17,7 @@ Shapes used throughout:
 import numpy as np
 from numba import njit, prange
 
-from ._config import IM2COL_BUDGET_BYTES, JIT_OPTIONS, PARALLEL_JIT_OPTIONS
+from ._config import IM2COL_BUDGET_BYTES, JIT_OPTIONS, PARALLEL_JIT_OPTIONS, REDUCTION_JIT_OPTIONS
 
 
 def conv2d_output_size(in_size, kernel, stride, pad):
@@ -107,7 +107,7 @@ def add_channel_bias(y, bias):
             row[p] += bias[o]
 
 
-@njit(**PARALLEL_JIT_OPTIONS)
+@njit(**REDUCTION_JIT_OPTIONS)
 def conv2d_backward_bias(grad_out):
     """Gradient of the loss with respect to the bias.
 
