@@ -12,12 +12,20 @@ from .batchnorm import (
     batchnorm2d_eval_forward,
     batchnorm2d_train_forward,
 )
+from .coreset import update_min_distances
 from .conv import (
     conv2d_backward_bias,
     conv2d_backward_input,
     conv2d_backward_weight,
     conv2d_forward,
     conv2d_output_size,
+)
+from .distance import (
+    dot_error_bound,
+    exact_scan,
+    merge_block_candidates,
+    refine_candidates,
+    squared_norms,
 )
 from .pooling import (
     avg_pool2d_backward_input,
@@ -27,9 +35,19 @@ from .pooling import (
     pool2d_output_size,
 )
 from .reduce import all_finite
+from .resize import bilinear_resize, gaussian_blur, gaussian_kernel1d
 
 __all__ = [
     "all_finite",
+    "bilinear_resize",
+    "dot_error_bound",
+    "exact_scan",
+    "gaussian_blur",
+    "gaussian_kernel1d",
+    "merge_block_candidates",
+    "refine_candidates",
+    "squared_norms",
+    "update_min_distances",
     "avg_pool2d_backward_input",
     "avg_pool2d_forward",
     "batchnorm2d_backward",

@@ -15,8 +15,10 @@ if "numpy" not in sys.modules:
     # imported first; a value the user set is left alone. See README, "Speed".
     os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
-from npanomaly import kernels, nn, optim  # noqa: E402
+from npanomaly import kernels, nn, optim, search  # noqa: E402
+from npanomaly.detector import AnomalyResult, load  # noqa: E402
+from npanomaly.patchcore import PatchCore  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "kernels", "nn", "optim"]
+__all__ = ["AnomalyResult", "PatchCore", "__version__", "kernels", "load", "nn", "optim", "search"]

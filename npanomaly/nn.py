@@ -464,6 +464,20 @@ class Sequential(Module):
             x = layer._forward(layer._check_input(x))
         return x
 
+    def intermediate(self, x, indices):
+        """The outputs of the layers at the given ascending indices, for feature extraction.
+
+        Runs the network only as far as the last index asked for; x must already be a checked,
+        finite batch (models check their images once at their own boundary).
+        """
+        outputs = []
+        wanted = set(indices)
+        for index, layer in enumerate(self.layers[: max(indices) + 1]):
+            x = layer._forward(layer._check_input(x))
+            if index in wanted:
+                outputs.append(x)
+        return outputs
+
     def backward(self, grad_out, input_grad=True):
         for index in range(len(self.layers) - 1, -1, -1):
             grad_out = self.layers[index].backward(grad_out, input_grad=input_grad or index > 0)

@@ -1,0 +1,165 @@
+"""Exact k-nearest-neighbour search in blocks: BLAS for the bulk, float64 for the last word.
+
+The search runs in two stages (orchestrated by ``npanomaly.search.knn``):
+
+1. Screening. For a block of queries and a block of the bank, squared distances are expanded as
+   ``|q|^2 + |b|^2 - 2 q.b`` with the dot products from one float32 BLAS product. Each query keeps
+   its ``width`` smallest screened distances (``merge_block_candidates``). Memory: one
+   [query block, bank block] matrix, never [Q, M].
+2. Refinement. The candidates are re-measured exactly in float64 as ``sum((q - b)^2)`` and the k
+   best taken, ties going to the lower bank index (``refine_candidates``). A query whose candidate
+   list could have missed a true neighbour (the last candidate is within the screening error bound
+   of the k-th) is searched again exhaustively in float64 (``exact_scan``), so the result always
+   equals a float64 brute force.
+"""
+
+import numpy as np
+from numba import njit, prange
+
+from ._config import PARALLEL_JIT_OPTIONS, REDUCTION_JIT_OPTIONS
+
+
+@njit(**REDUCTION_JIT_OPTIONS)
+def squared_norms(x):
+    """Row-wise squared Euclidean norms, accumulated in float64.
+
+    Shapes: x [N, D] -> [N] float64.
+    Parallel: over rows.
+    """
+    n, dim = x.shape
+    out = np.empty(n, dtype=np.float64)
+    for i in prange(n):
+        total = 0.0
+        for d in range(dim):
+            total += np.float64(x[i, d]) * x[i, d]
+        out[i] = total
+    return out
+
+
+@njit(**PARALLEL_JIT_OPTIONS)
+def merge_block_candidates(dots, query_norms, bank_norms, bank_offset, exclude_offset, best_dist, best_index):
+    """Fold one block of screened distances into each query's sorted candidate list.
+
+    Shapes: dots [Qb, Mb] (q.b for this block), query_norms [Qb], bank_norms [Mb] float64,
+            best_dist [Qb, width] float64 ascending and best_index [Qb, width] int64, updated in place.
+    Math: d2 = max(|q|^2 + |b|^2 - 2 q.b, 0) for bank row bank_offset + j; inserted after any equal
+          entry, so among equal distances the lower bank index stays first. When exclude_offset >= 0
+          the bank is the query set itself and query row i never lists bank row exclude_offset + i.
+    Parallel: over query rows; each owns its own candidate row.
+    """
+    rows, cols = dots.shape
+    width = best_dist.shape[1]
+    for i in prange(rows):
+        dist = best_dist[i]
+        index = best_index[i]
+        for j in range(cols):
+            if exclude_offset >= 0 and bank_offset + j == exclude_offset + i:
+                continue
+            d2 = query_norms[i] + bank_norms[j] - 2.0 * dots[i, j]
+            if d2 < 0.0:
+                d2 = 0.0
+            if d2 >= dist[width - 1]:
+                continue
+            slot = width - 1
+            while slot > 0 and dist[slot - 1] > d2:
+                dist[slot] = dist[slot - 1]
+                index[slot] = index[slot - 1]
+                slot -= 1
+            dist[slot] = d2
+            index[slot] = bank_offset + j
+
+
+@njit(**PARALLEL_JIT_OPTIONS)
+def refine_candidates(queries, bank, candidates, k, error_bound, screened, needs_exact, out_dist, out_index):
+    """Exact float64 distances to each query's candidates; the k best, ties to the lower index.
+
+    Shapes: queries [Q, D], bank [M, D], candidates [Q, width] int64 (-1 = empty slot),
+            error_bound [Q] and screened [Q, width] float64 (the stage-1 squared distances),
+            -> needs_exact [Q] bool, out_dist [Q, k] float64 (squared), out_index [Q, k] int64.
+    Math: exact d2 = sum_d (q_d - b_d)^2. The screened value of every bank row is within
+          error_bound[i] of its exact one, so a bank row outside the list is provably no closer than
+          the k-th exact candidate unless the list is full and its last screened distance is within
+          2 * error_bound of that k-th distance; then needs_exact[i] is set for an exhaustive search.
+    Parallel: over queries.
+    """
+    n_queries, dim = queries.shape
+    width = candidates.shape[1]
+    for i in prange(n_queries):
+        exact = np.full(width, np.inf)
+        for c in range(width):
+            b = candidates[i, c]
+            if b < 0:
+                continue
+            total = 0.0
+            for d in range(dim):
+                diff = np.float64(queries[i, d]) - bank[b, d]
+                total += diff * diff
+            exact[c] = total
+        # Selection of the k smallest by (distance, index): width is small, so a simple scan.
+        taken = np.zeros(width, dtype=np.bool_)
+        for slot in range(k):
+            best = -1
+            for c in range(width):
+                if taken[c] or candidates[i, c] < 0:
+                    continue
+                if best < 0 or exact[c] < exact[best] or (exact[c] == exact[best]
+                                                          and candidates[i, c] < candidates[i, best]):
+                    best = c
+            if best < 0:
+                out_dist[i, slot] = np.inf
+                out_index[i, slot] = -1
+            else:
+                taken[best] = True
+                out_dist[i, slot] = exact[best]
+                out_index[i, slot] = candidates[i, best]
+        last = screened[i, width - 1]
+        needs_exact[i] = candidates[i, width - 1] >= 0 and last - 2.0 * error_bound[i] <= out_dist[i, k - 1]
+
+
+@njit(**PARALLEL_JIT_OPTIONS)
+def exact_scan(queries, bank, rows, k, exclude_offset, out_dist, out_index):
+    """Exhaustive float64 k-nearest search for the listed query rows (the rare fallback).
+
+    Shapes: queries [Q, D], bank [M, D], rows [R] int64 -> out_dist, out_index [Q, k] rows overwritten.
+    Math: as refine_candidates, over every bank row (skipping bank row exclude_offset + i for query
+          row i when exclude_offset >= 0, as merge_block_candidates does).
+    Parallel: over the listed rows, each writing its own output row.
+    """
+    n_bank, dim = bank.shape
+    for r in prange(rows.size):
+        i = rows[r]
+        dist = np.full(k, np.inf)
+        index = np.full(k, -1, dtype=np.int64)
+        for b in range(n_bank):
+            if exclude_offset >= 0 and b == exclude_offset + i:
+                continue
+            total = 0.0
+            for d in range(dim):
+                diff = np.float64(queries[i, d]) - bank[b, d]
+                total += diff * diff
+            if total >= dist[k - 1]:
+                continue
+            slot = k - 1
+            while slot > 0 and dist[slot - 1] > total:
+                dist[slot] = dist[slot - 1]
+                index[slot] = index[slot - 1]
+                slot -= 1
+            dist[slot] = total
+            index[slot] = b
+        out_dist[i] = dist
+        out_index[i] = index
+
+
+def dot_error_bound(query_norms, max_bank_norm, dim, itemsize):
+    """Bound on |screened d2 - exact d2| for each query (float64).
+
+    A float dot product of length D is off by at most gamma_D * |q| |b| <= gamma_D (|q|^2 + |b|^2) / 2
+    (Higham, Accuracy and Stability, 3.1; any summation order), gamma_D = D u / (1 - D u); the
+    -2 q.b term doubles it. The norms themselves are float64 and add a negligible term, covered by
+    the extra unit in D + 2.
+    """
+    unit = 2.0 ** -24 if itemsize == 4 else 2.0 ** -53
+    n = dim + 2
+    gamma = n * unit / (1.0 - n * unit)
+    return gamma * (query_norms + max_bank_norm) + 1e-300
+

@@ -1,0 +1,201 @@
+"""What every detector shares: results, batching, thresholds and the saved-model file format.
+
+A detector subclass implements ``_score_and_map(batch, want_maps)`` for one checked float32 batch;
+this base class streams any number of images through it in batches of ``batch_size`` and builds
+``predict``, ``score_samples``, ``anomaly_map``, ``decision_function`` and ``calibrate_threshold``
+on top. Saved models are one ``.npz`` file (no pickle) written atomically.
+"""
+
+import json
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from npanomaly._validation import check_batch, check_finite, check_fitted, check_positive_int
+
+FORMAT_VERSION = 1
+_REGISTRY = {}
+
+
+@dataclass
+class AnomalyResult:
+    """The verdict on one image: score (higher = more anomalous), score > threshold, and the
+    anomaly map at input resolution [H, W] (None where a model has none)."""
+
+    score: float
+    is_anomalous: bool
+    heatmap: np.ndarray = None
+
+
+def register(cls):
+    """Class decorator: lets ``npanomaly.load`` find the class named in a saved file."""
+    _REGISTRY[cls.__name__] = cls
+    return cls
+
+
+class Detector:
+    """Batching, thresholds and persistence for the anomaly detectors."""
+
+    #: attribute that fit() (or load) sets; None means "not fitted"
+    _fitted_attribute = "threshold_"
+
+    def __init__(self, in_channels, batch_size):
+        self.in_channels = check_positive_int(in_channels, "in_channels")
+        self.batch_size = check_positive_int(batch_size, "batch_size")
+        self.threshold_ = None
+        self.image_size_ = None
+
+    # ----------------------------------------------------------------- input
+    def _check_images(self, images, name="images", fitting=False):
+        """An [N, C, H, W] float batch with the model's channels (and the fitted image size), as float32."""
+        images = check_batch(images, name, self.in_channels)
+        check_finite(images, name)
+        if not fitting and self.image_size_ is not None and images.shape[2:] != self.image_size_:
+            raise ValueError(f"{name} must be {self.image_size_[0]}x{self.image_size_[1]} images like the ones "
+                             f"the model was fitted on, got shape {images.shape}")
+        return images.astype(np.float32, copy=False)
+
+    def _batches(self, images):
+        for start in range(0, images.shape[0], self.batch_size):
+            yield images[start:start + self.batch_size]
+
+    def _stream(self, images, want_maps):
+        check_fitted(self, self._fitted_attribute)
+        images = self._check_images(images)
+        scores, maps = [], []
+        for batch in self._batches(images):
+            batch_scores, batch_maps = self._score_and_map(batch, want_maps)
+            scores.append(batch_scores)
+            if want_maps:
+                maps.append(batch_maps)
+        return np.concatenate(scores), (np.concatenate(maps) if want_maps else None)
+
+    # ----------------------------------------------------------------- public
+    @property
+    def threshold(self):
+        """The decision threshold on score_samples (is_anomalous = score > threshold)."""
+        return self.threshold_
+
+    def set_threshold(self, value):
+        """Set the decision threshold by hand."""
+        value = float(value)
+        if not np.isfinite(value):
+            raise ValueError(f"threshold must be a finite number, got {value}")
+        self.threshold_ = value
+        return self
+
+    def score_samples(self, images):
+        """Anomaly score of each image: higher = more anomalous.
+
+        Note: the opposite sign convention of scikit-learn's ``score_samples`` (IsolationForest,
+        LocalOutlierFactor), where lower means more abnormal.
+        Returns float64 [N].
+        """
+        return self._stream(images, want_maps=False)[0]
+
+    def anomaly_map(self, images):
+        """Per-pixel anomaly maps at input resolution, float32 [N, H, W] (higher = more anomalous)."""
+        return self._stream(images, want_maps=True)[1]
+
+    def decision_function(self, images):
+        """score_samples(images) - threshold: positive means anomalous."""
+        return self.score_samples(images) - self.threshold_
+
+    def predict(self, images):
+        """One AnomalyResult(score, is_anomalous, heatmap) per image, heatmaps at input resolution."""
+        scores, maps = self._stream(images, want_maps=True)
+        return [AnomalyResult(float(s), bool(s > self.threshold_), m) for s, m in zip(scores, maps)]
+
+    def calibrate_threshold(self, normal_images, quantile=0.99):
+        """Set the threshold to the given quantile of the scores of held-out normal images.
+
+        With quantile=0.99 about 1% of normal images will be flagged. Returns self.
+        """
+        if not isinstance(quantile, (int, float)) or not 0.0 < quantile <= 1.0:
+            raise ValueError(f"quantile must be in (0, 1], got {quantile!r}")
+        scores = self.score_samples(normal_images)
+        self.threshold_ = float(np.quantile(scores, quantile))
+        return self
+
+    # ----------------------------------------------------------------- persistence
+    def _config(self):
+        """JSON-serialisable constructor arguments (subclasses)."""
+        raise NotImplementedError
+
+    def _arrays(self):
+        """Learned state as name -> ndarray (subclasses)."""
+        raise NotImplementedError
+
+    def _restore(self, arrays):
+        """Set learned state from what _arrays() returned (subclasses)."""
+        raise NotImplementedError
+
+    def save(self, path):
+        """Write the model to one .npz file (no pickle), atomically: a crash leaves the old file intact."""
+        check_fitted(self, self._fitted_attribute)
+        arrays = {
+            "npanomaly_format": np.array(FORMAT_VERSION),
+            "model": np.array(type(self).__name__),
+            "config": np.array(json.dumps(self._config())),
+            "threshold": np.array(self.threshold_, dtype=np.float64),
+            "image_size": np.array(self.image_size_, dtype=np.int64),
+        }
+        arrays.update(self._arrays())
+        path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        handle, temporary = tempfile.mkstemp(prefix=".npanomaly-", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(handle, "wb") as stream:
+                np.savez(stream, **arrays)
+                stream.flush()
+                os.fsync(stream.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path):
+        """Read a model written by save(); a foreign, damaged or mismatched file raises ValueError."""
+        arrays = read_model_file(path)
+        kind = str(arrays["model"])
+        if cls is not Detector and kind != cls.__name__:
+            raise ValueError(f"{path} holds a {kind} model, not a {cls.__name__}; use npanomaly.load()")
+        model_cls = _REGISTRY.get(kind)
+        if model_cls is None:
+            raise ValueError(f"{path} holds an unknown model type {kind!r}")
+        try:
+            model = model_cls(**json.loads(str(arrays["config"])))
+            model._restore(arrays)
+            model.threshold_ = float(arrays["threshold"])
+            model.image_size_ = tuple(int(v) for v in arrays["image_size"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{path} is not a valid {kind} model file: {error}") from error
+        return model
+
+
+def read_model_file(path):
+    """All arrays of a saved model, checked for the format marker and version."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as error:
+        raise ValueError(f"{path} is not a readable npanomaly model file: {error}") from error
+    if "npanomaly_format" not in arrays or "model" not in arrays:
+        raise ValueError(f"{path} is not an npanomaly model file (no format marker)")
+    version = int(arrays["npanomaly_format"])
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{path} has model format {version}; this npanomaly reads format {FORMAT_VERSION}")
+    return arrays
+
+
+def load(path):
+    """Load any saved npanomaly model (PatchCore or StudentTeacher)."""
+    return Detector.load(path)

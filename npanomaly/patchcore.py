@@ -1,0 +1,244 @@
+"""PatchCore (Roth et al., CVPR 2022, "Towards Total Recall in Industrial Anomaly Detection").
+
+A frozen backbone turns each image into a grid of locally aware patch features; the features of
+normal images, subsampled by a greedy k-center coreset, form the memory bank; a test patch is as
+anomalous as its distance to the nearest bank vector. Options reproduce the seed (axonml-vision's
+PatchCore) exactly: ``sampler="uniform"``, ``score="max"``, ``threshold="mean+3std"``,
+``patch_size=1``, ``layers=("block3",)`` (see ``PatchCore.seed_compatible``).
+
+Unlike the seed, the backbone's batch norms always use their running statistics when extracting
+features (the seed's eval() did nothing, so a test image's score depended on its batch mates).
+"""
+
+import numpy as np
+
+from npanomaly import kernels, nn
+from npanomaly._validation import check_finite, check_positive_int
+from npanomaly.detector import Detector, register
+from npanomaly.maps import upsample_and_blur
+from npanomaly.search import greedy_coreset, knn
+
+SEED_BLOCKS = ("block1", "block2", "block3")
+
+
+def seed_backbone(in_channels, feature_dim, rng):
+    """The seed's 3-block network: Conv 3x3/stride 2/pad 1 (bias) + BatchNorm2d + ReLU, 64, 128, feature_dim."""
+    layers = []
+    for c_in, c_out in ((in_channels, 64), (64, 128), (128, feature_dim)):
+        layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, seed=rng), nn.BatchNorm2d(c_out), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+def adaptive_avg_pool_channels(features, target_dim):
+    """Average the channels of [N, C, h, w] down to target_dim, as torch's adaptive_avg_pool1d over C.
+
+    Bin i covers channels floor(i*C/T) .. ceil((i+1)*C/T) - 1 (the PatchCore authors' reduction).
+    """
+    channels = features.shape[1]
+    starts = (np.arange(target_dim) * channels) // target_dim
+    ends = -((-(np.arange(1, target_dim + 1)) * channels) // target_dim)
+    cumulative = np.concatenate([np.zeros_like(features[:, :1], dtype=np.float64),
+                                 np.cumsum(features, axis=1, dtype=np.float64)], axis=1)
+    pooled = (cumulative[:, ends] - cumulative[:, starts]) / (ends - starts)[None, :, None, None]
+    return pooled.astype(features.dtype)
+
+
+def seed_uniform_indices(n, coreset_ratio):
+    """The seed's subsampling: keep = max(1, int(n * ratio)), then every ceil(n / keep)-th row.
+
+    Computed in float32 as the seed does, so the same rows are kept.
+    """
+    keep = max(1, int(np.float32(n) * np.float32(coreset_ratio)))
+    step = max(1, int(np.ceil(np.float32(n) / np.float32(keep))))
+    return np.arange(0, n, step, dtype=np.int64)
+
+
+def nearest_other_threshold(bank):
+    """The seed's threshold: mean + 3 std (population) of each bank vector's distance to its nearest
+    *other* bank vector; 1.0 when the bank has fewer than 2 vectors."""
+    if bank.shape[0] < 2:
+        return 1.0
+    distances = knn(bank, bank, k=1, exclude_self=True)[0][:, 0].astype(np.float64)
+    return float(distances.mean() + 3.0 * distances.std())
+
+
+def reweighted_scores(patch_features, patch_dist, patch_index, bank, num_neighbors):
+    """Image scores with the paper's Eq. 7 reweighting.
+
+    For each image: s* = the largest patch distance, at patch p* whose nearest bank vector is m*;
+    N_b = the num_neighbors nearest bank vectors of m* (m* itself among them);
+    s = (1 - exp(|f_p* - m*|) / sum_{m in N_b} exp(|f_p* - m|)) * s*.
+    A patch far from a dense region of the bank keeps more of its score than one near a sparse one.
+
+    Shapes: patch_features [N, P, D], patch_dist [N, P], patch_index [N, P] -> scores [N] float64.
+    """
+    n_images = patch_dist.shape[0]
+    worst = np.argmax(patch_dist, axis=1)
+    rows = np.arange(n_images)
+    s_star = patch_dist[rows, worst].astype(np.float64)
+    m_star = patch_index[rows, worst]
+    b = min(num_neighbors, bank.shape[0])
+    _, support = knn(bank[m_star], bank, k=b)
+    test = patch_features[rows, worst].astype(np.float64)
+    distances = np.sqrt(np.sum((test[:, None, :] - bank[support].astype(np.float64)) ** 2, axis=2))
+    # softmax weight of m*, computed stably: exp(s* - max) / sum exp(d - max)
+    top = distances.max(axis=1, keepdims=True)
+    weight = np.exp(s_star - top[:, 0]) / np.sum(np.exp(distances - top), axis=1)
+    return (1.0 - weight) * s_star
+
+
+@register
+class PatchCore(Detector):
+    """PatchCore anomaly detector with a frozen backbone and a coreset memory bank.
+
+    Args:
+        in_channels, feature_dim, seed: the seed backbone (3 Conv-BN-ReLU blocks of 64, 128 and
+            feature_dim channels, stride 2 each) and the seed of its random weights.
+        layers: which blocks' outputs form the patch features ("block1", "block2", "block3");
+            deeper maps are resized bilinearly to the first one's grid and concatenated.
+        patch_size: neighbourhood averaged around each position (3 = the paper's locally aware
+            features; 1 = raw positions, as the seed).
+        target_dim: average-pool the concatenated features down to this many dimensions (None: keep all).
+        sampler: "greedy" (k-center coreset, the paper) or "uniform" (the seed's every n-th row).
+        projection_dim: random projection used by the greedy sampler (None = exact distances).
+        score: "reweighted" (the paper's Eq. 7) or "max" (the seed: largest patch distance).
+        num_neighbors: b of Eq. 7.
+        threshold: "mean+3std" (the seed's rule, from the memory bank alone). calibrate_threshold()
+            with held-out normal images gives a threshold with a known false-alarm rate.
+        blur_sigma: Gaussian blur of the anomaly maps, in pixels (0 = none).
+        batch_size: images per backbone pass (memory is bounded by one batch of features).
+    """
+
+    _fitted_attribute = "memory_bank_"
+
+    def __init__(self, in_channels=3, feature_dim=256, seed=0, *, layers=("block2", "block3"), patch_size=3,
+                 target_dim=None, sampler="greedy", projection_dim=128, score="reweighted", num_neighbors=9,
+                 threshold="mean+3std", blur_sigma=4.0, batch_size=8):
+        super().__init__(in_channels, batch_size)
+        self.feature_dim = check_positive_int(feature_dim, "feature_dim")
+        self.seed = check_positive_int(seed, "seed", minimum=0)
+        layers = tuple(layers)
+        if not layers or any(layer not in SEED_BLOCKS for layer in layers) or len(set(layers)) != len(layers):
+            raise ValueError(f"layers must be distinct names from {SEED_BLOCKS}, got {layers}")
+        self.layers = tuple(sorted(layers, key=SEED_BLOCKS.index))
+        self.patch_size = check_positive_int(patch_size, "patch_size")
+        if self.patch_size % 2 == 0:
+            raise ValueError(f"patch_size must be odd (a centred neighbourhood), got {patch_size}")
+        self.target_dim = None if target_dim is None else check_positive_int(target_dim, "target_dim")
+        for name, value, allowed in (("sampler", sampler, ("greedy", "uniform")),
+                                     ("score", score, ("reweighted", "max")),
+                                     ("threshold", threshold, ("mean+3std",))):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        self.sampler, self.score, self.threshold_rule = sampler, score, threshold
+        self.projection_dim = None if projection_dim is None else check_positive_int(projection_dim,
+                                                                                     "projection_dim")
+        self.num_neighbors = check_positive_int(num_neighbors, "num_neighbors")
+        self.blur_sigma = float(blur_sigma)
+        if not self.blur_sigma >= 0.0:
+            raise ValueError(f"blur_sigma must be >= 0, got {blur_sigma}")
+        self.backbone = seed_backbone(self.in_channels, self.feature_dim, np.random.default_rng(self.seed))
+        self.backbone.eval().requires_grad_(False)
+        self.memory_bank_ = None
+
+    @classmethod
+    def default_rgb(cls):
+        """PatchCore(3, 256): the seed's default_rgb() backbone with the paper's method."""
+        return cls(3, 256)
+
+    @classmethod
+    def seed_compatible(cls, in_channels=3, feature_dim=256, seed=0, **options):
+        """Every option as the seed computes it: last block only, no neighbourhood, uniform
+        subsampling, max score, mean+3std threshold."""
+        config = dict(layers=("block3",), patch_size=1, sampler="uniform", score="max", threshold="mean+3std")
+        config.update(options)
+        return cls(in_channels, feature_dim, seed, **config)
+
+    @property
+    def memory_bank(self):
+        """The memory bank [M, D] float32 (None before fit)."""
+        return self.memory_bank_
+
+    # ----------------------------------------------------------------- features
+    def _patch_features(self, batch):
+        """[B, C, H, W] -> ([B, h, w, D] float32 patch features)."""
+        taps = [3 * SEED_BLOCKS.index(layer) + 2 for layer in self.layers]  # index of each block's ReLU
+        maps = self.backbone.intermediate(batch, taps)
+        if self.patch_size > 1:
+            pad = self.patch_size // 2
+            maps = [kernels.avg_pool2d_forward(m, self.patch_size, self.patch_size, 1, 1, pad, pad, True)
+                    for m in maps]
+        grid = maps[0].shape[2:]
+        maps = [m if m.shape[2:] == grid else kernels.bilinear_resize(m, *grid) for m in maps]
+        features = np.concatenate(maps, axis=1) if len(maps) > 1 else maps[0]
+        if self.target_dim is not None:
+            features = adaptive_avg_pool_channels(features, self.target_dim)
+        return np.ascontiguousarray(features.transpose(0, 2, 3, 1))
+
+    # ----------------------------------------------------------------- fit
+    def fit(self, normal_images, coreset_ratio=0.1):
+        """Build the memory bank from normal images [N, C, H, W] (streamed in batches) and set the threshold.
+
+        coreset_ratio in (0, 1]: the fraction of all patch features kept in the bank. Returns self.
+        """
+        if not isinstance(coreset_ratio, (int, float)) or isinstance(coreset_ratio, bool) \
+                or not 0.0 < coreset_ratio <= 1.0:
+            raise ValueError(f"coreset_ratio must be in (0, 1], got {coreset_ratio!r}")
+        images = self._check_images(normal_images, "normal_images", fitting=True)
+        features = np.concatenate([self._patch_features(batch).reshape(-1, self.feature_size)
+                                   for batch in self._batches(images)])
+        n = features.shape[0]
+        if self.sampler == "uniform":
+            keep = seed_uniform_indices(n, coreset_ratio)
+        else:
+            keep = greedy_coreset(features, max(1, int(n * coreset_ratio)), projection_dim=self.projection_dim,
+                                  start=0, seed=self.seed)
+        self.memory_bank_ = np.ascontiguousarray(features[keep])
+        self.image_size_ = images.shape[2:]
+        self.threshold_ = nearest_other_threshold(self.memory_bank_)
+        return self
+
+    @property
+    def feature_size(self):
+        """Dimension D of a patch feature (and of the memory bank's rows)."""
+        return self.target_dim or sum({"block1": 64, "block2": 128, "block3": self.feature_dim}[layer]
+                                      for layer in self.layers)
+
+    # ----------------------------------------------------------------- scoring
+    def _score_and_map(self, batch, want_maps):
+        features = self._patch_features(batch)
+        n, h, w, dim = features.shape
+        flat = features.reshape(n, h * w, dim)
+        dist, index = knn(flat.reshape(-1, dim), self.memory_bank_, k=1)
+        dist = dist[:, 0].reshape(n, h * w)
+        index = index[:, 0].reshape(n, h * w)
+        if self.score == "max":
+            scores = dist.max(axis=1).astype(np.float64)
+        else:
+            scores = reweighted_scores(flat, dist, index, self.memory_bank_, self.num_neighbors)
+        maps = upsample_and_blur(dist.reshape(n, h, w), batch.shape[2:], self.blur_sigma) if want_maps else None
+        return scores, maps
+
+    # ----------------------------------------------------------------- persistence
+    def _config(self):
+        return dict(in_channels=self.in_channels, feature_dim=self.feature_dim, seed=self.seed,
+                    layers=list(self.layers), patch_size=self.patch_size, target_dim=self.target_dim,
+                    sampler=self.sampler, projection_dim=self.projection_dim, score=self.score,
+                    num_neighbors=self.num_neighbors, threshold=self.threshold_rule, blur_sigma=self.blur_sigma,
+                    batch_size=self.batch_size)
+
+    def _arrays(self):
+        arrays = {f"backbone/{name}": value for name, value in self.backbone.state_dict().items()}
+        arrays["memory_bank"] = self.memory_bank_
+        return arrays
+
+    def _restore(self, arrays):
+        self.backbone.load_state_dict({name[len("backbone/"):]: value for name, value in arrays.items()
+                                       if name.startswith("backbone/")})
+        bank = np.ascontiguousarray(arrays["memory_bank"], dtype=np.float32)
+        if bank.ndim != 2 or bank.shape[1] != self.feature_size or bank.shape[0] == 0:
+            raise ValueError(f"memory_bank has shape {bank.shape}, expected [M, {self.feature_size}]")
+        check_finite(bank, "memory_bank")
+        self.memory_bank_ = bank
+
+

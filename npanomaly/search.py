@@ -1,0 +1,122 @@
+"""Exact nearest-neighbour search and greedy k-center coreset selection over feature matrices.
+
+Both run in bounded memory: ``knn`` holds one [query block, bank block] matrix of distances at a
+time (never [Q, M]); ``greedy_coreset`` holds one distance per point (never [N, N]).
+"""
+
+import numpy as np
+
+from npanomaly import kernels
+from npanomaly._validation import check_array, check_finite, check_positive_int
+from npanomaly.kernels import _config
+
+__all__ = ["greedy_coreset", "knn"]
+
+
+def _check_matrix(x, name):
+    x = check_array(x, name, 2)
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name} must be a non-empty [rows, features] matrix, got shape {x.shape}")
+    return check_finite(x, name)
+
+
+def knn(queries, bank, k=1, *, exclude_self=False):
+    """The k nearest bank rows of every query row, exactly (Euclidean distance).
+
+    Args:
+        queries: [Q, D] float32 or float64.
+        bank: [M, D], same dtype as queries.
+        k: how many neighbours, 1 <= k <= M (M - 1 with exclude_self).
+        exclude_self: the bank is the query set itself and row i may not be its own neighbour
+            (used for each bank vector's nearest *other* vector).
+
+    Returns:
+        (distances [Q, k] float32 ascending, indices [Q, k] int64). Equal distances are ordered
+        by bank index. The result equals a float64 brute force: BLAS screens candidates, float64
+        re-measures them, and queries whose screening was not conclusive are searched exhaustively.
+    """
+    queries = _check_matrix(queries, "queries")
+    bank = _check_matrix(bank, "bank")
+    if queries.shape[1] != bank.shape[1]:
+        raise ValueError(f"queries and bank must have the same number of features, got shapes "
+                         f"{queries.shape} and {bank.shape}")
+    if queries.dtype != bank.dtype:
+        raise TypeError(f"queries and bank must have the same dtype, got {queries.dtype} and {bank.dtype}")
+    if exclude_self and queries.shape[0] != bank.shape[0]:
+        raise ValueError(f"exclude_self needs the queries to be the bank itself, got shapes {queries.shape} "
+                         f"and {bank.shape}")
+    k = check_positive_int(k, "k")
+    available = bank.shape[0] - (1 if exclude_self else 0)
+    if k > available:
+        raise ValueError(f"k={k} exceeds the {available} bank rows available"
+                         f"{' besides each query itself' if exclude_self else ''}")
+
+    n_queries, dim = queries.shape
+    width = min(k + _config.KNN_EXTRA_CANDIDATES, available)
+    bank_norms = kernels.squared_norms(bank)
+    max_bank_norm = float(bank_norms.max())
+    distances = np.empty((n_queries, k), dtype=np.float64)
+    indices = np.empty((n_queries, k), dtype=np.int64)
+    for q0 in range(0, n_queries, _config.KNN_QUERY_BLOCK):
+        q1 = min(n_queries, q0 + _config.KNN_QUERY_BLOCK)
+        block = queries[q0:q1]
+        query_norms = kernels.squared_norms(block)
+        best_dist = np.full((q1 - q0, width), np.inf)
+        best_index = np.full((q1 - q0, width), -1, dtype=np.int64)
+        for m0 in range(0, bank.shape[0], _config.KNN_BANK_BLOCK):
+            m1 = min(bank.shape[0], m0 + _config.KNN_BANK_BLOCK)
+            dots = block @ bank[m0:m1].T
+            kernels.merge_block_candidates(dots, query_norms, bank_norms[m0:m1], m0, q0 if exclude_self else -1,
+                                           best_dist, best_index)
+        error = kernels.dot_error_bound(query_norms, max_bank_norm, dim, queries.itemsize)
+        needs_exact = np.empty(q1 - q0, dtype=np.bool_)
+        kernels.refine_candidates(block, bank, best_index, k, error, best_dist, needs_exact,
+                                  distances[q0:q1], indices[q0:q1])
+        rows = np.flatnonzero(needs_exact)
+        if rows.size:
+            kernels.exact_scan(block, bank, rows, k, q0 if exclude_self else -1, distances[q0:q1], indices[q0:q1])
+    return np.sqrt(distances).astype(np.float32), indices
+
+
+def greedy_coreset(features, n_select, projection_dim=128, start=0, seed=0):
+    """Indices of a greedy k-center coreset (PatchCore's memory-bank subsampling).
+
+    Starting from row ``start``, repeatedly adds the row farthest from everything selected so far
+    (ties to the lowest index), which minimises the largest distance from any row to the coreset
+    within a factor 2 of the optimum. With ``projection_dim`` (default 128, as the PatchCore
+    authors) distances are measured after a seeded Gaussian random projection to that many
+    dimensions (Johnson-Lindenstrauss), which keeps them close at a fraction of the cost;
+    ``projection_dim=None`` (or >= D) measures them in the original space: exact k-center greedy.
+
+    Args:
+        features: [N, D] float32 or float64.
+        n_select: 1 <= n_select <= N.
+        projection_dim: int >= 1 or None.
+        start: the first selected row, 0 <= start < N.
+        seed: seed of the projection matrix.
+
+    Returns:
+        int64 [n_select] row indices in selection order. Memory: one float64 per row.
+    """
+    features = _check_matrix(features, "features")
+    n = features.shape[0]
+    n_select = check_positive_int(n_select, "n_select")
+    if n_select > n:
+        raise ValueError(f"n_select={n_select} exceeds the {n} rows of features")
+    start = check_positive_int(start, "start", minimum=0)
+    if start >= n:
+        raise ValueError(f"start={start} is not a row of features (shape {features.shape})")
+    if projection_dim is not None:
+        projection_dim = check_positive_int(projection_dim, "projection_dim")
+        if projection_dim < features.shape[1]:
+            rng = np.random.default_rng(seed)
+            matrix = rng.standard_normal((features.shape[1], projection_dim)) / np.sqrt(projection_dim)
+            features = features @ matrix.astype(features.dtype)
+    min_dist = np.full(n, np.inf)
+    selected = np.empty(n_select, dtype=np.int64)
+    selected[0] = start
+    for step in range(1, n_select):
+        kernels.update_min_distances(features, selected[step - 1], min_dist)
+        min_dist[selected[step - 1]] = -1.0
+        selected[step] = np.argmax(min_dist)  # the first maximum: ties go to the lowest index
+    return selected
