@@ -139,3 +139,71 @@ def avg_pool2d(x, kernel, stride, pad, count_include_pad):
             divisor = kh * kw if count_include_pad else inside[0, 0, i * sh:i * sh + kh, j * sw:j * sw + kw].sum()
             y[:, :, i, j] = window.sum(axis=(2, 3)) / divisor
     return y
+
+
+def knn_bruteforce(queries, bank, k, exclude_self=False):
+    """All Q x M distances in float64, sorted by (distance, bank index)."""
+    q = queries.astype(np.float64)
+    b = bank.astype(np.float64)
+    d2 = ((q[:, None, :] - b[None, :, :]) ** 2).sum(axis=2)
+    if exclude_self:
+        np.fill_diagonal(d2, np.inf)
+    order = np.array([np.lexsort((np.arange(len(b)), row))[:k] for row in d2])
+    return np.sqrt(np.take_along_axis(d2, order, axis=1)), order
+
+
+def greedy_k_center(features, n_select, start):
+    """Textbook greedy k-center: add the point farthest from the selected set, first maximum wins."""
+    x = features.astype(np.float64)
+    selected = [start]
+    min_d2 = ((x - x[start]) ** 2).sum(axis=1)
+    min_d2[start] = -1.0
+    while len(selected) < n_select:
+        nxt = int(np.argmax(min_d2))
+        selected.append(nxt)
+        min_d2 = np.minimum(min_d2, ((x - x[nxt]) ** 2).sum(axis=1))
+        min_d2[selected] = -1.0
+    return np.array(selected)
+
+
+def bilinear_resize(x, out_h, out_w):
+    """Half-pixel-centre bilinear interpolation (torch's align_corners=False), one output pixel at a time."""
+    n, c, h, w = x.shape
+    y = np.zeros((n, c, out_h, out_w))
+
+    def source(dst, in_size, out_size):
+        src = max((dst + 0.5) * in_size / out_size - 0.5, 0.0)
+        i0 = min(int(np.floor(src)), in_size - 1)
+        return i0, min(i0 + 1, in_size - 1), src - i0
+
+    for i in range(out_h):
+        h0, h1, a = source(i, h, out_h)
+        for j in range(out_w):
+            w0, w1, b = source(j, w, out_w)
+            y[:, :, i, j] = ((1 - a) * ((1 - b) * x[:, :, h0, w0] + b * x[:, :, h0, w1])
+                             + a * ((1 - b) * x[:, :, h1, w0] + b * x[:, :, h1, w1]))
+    return y
+
+
+def gaussian_blur(x, sigma):
+    """Direct 2-D convolution with the (2r+1)^2 Gaussian, reflect padding (edge not repeated)."""
+    r = int(4 * sigma + 0.5)
+    t = np.arange(-r, r + 1)
+    g = np.exp(-(t[:, None] ** 2 + t[None, :] ** 2) / (2 * sigma ** 2))
+    g /= g.sum()
+    n, c, h, w = x.shape
+    padded = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (r, r), (r, r)), mode="reflect")
+    y = np.zeros((n, c, h, w))
+    for i in range(2 * r + 1):
+        for j in range(2 * r + 1):
+            y += g[i, j] * padded[:, :, i:i + h, j:j + w]
+    return y
+
+
+def patchcore_eq7(test_patch, s_star, m_star_index, bank, b):
+    """Eq. 7 of Roth et al. as printed: s = (1 - exp|m_test - m*| / sum_{m in N_b(m*)} exp|m_test - m|) s*."""
+    bank = bank.astype(np.float64)
+    d_bank = np.sqrt(((bank - bank[m_star_index]) ** 2).sum(axis=1))
+    neighbourhood = np.lexsort((np.arange(len(bank)), d_bank))[:b]
+    d_test = np.sqrt(((bank[neighbourhood] - test_patch.astype(np.float64)) ** 2).sum(axis=1))
+    return (1.0 - np.exp(s_star) / np.exp(d_test).sum()) * s_star
