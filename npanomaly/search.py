@@ -57,6 +57,9 @@ def knn(queries, bank, k=1, *, exclude_self=False):
     max_bank_norm = float(bank_norms.max())
     distances = np.empty((n_queries, k), dtype=np.float64)
     indices = np.empty((n_queries, k), dtype=np.int64)
+    # One buffer for every block's products: allocating 32 MiB per block would page-fault it in anew.
+    buffer = np.empty(min(n_queries, _config.KNN_QUERY_BLOCK) * min(bank.shape[0], _config.KNN_BANK_BLOCK),
+                      dtype=queries.dtype)
     for q0 in range(0, n_queries, _config.KNN_QUERY_BLOCK):
         q1 = min(n_queries, q0 + _config.KNN_QUERY_BLOCK)
         block = queries[q0:q1]
@@ -65,7 +68,8 @@ def knn(queries, bank, k=1, *, exclude_self=False):
         best_index = np.full((q1 - q0, width), -1, dtype=np.int64)
         for m0 in range(0, bank.shape[0], _config.KNN_BANK_BLOCK):
             m1 = min(bank.shape[0], m0 + _config.KNN_BANK_BLOCK)
-            dots = block @ bank[m0:m1].T
+            dots = buffer[: (q1 - q0) * (m1 - m0)].reshape(q1 - q0, m1 - m0)
+            np.matmul(block, bank[m0:m1].T, out=dots)
             kernels.merge_block_candidates(dots, query_norms, bank_norms[m0:m1], m0, q0 if exclude_self else -1,
                                            best_dist, best_index)
         error = kernels.dot_error_bound(query_norms, max_bank_norm, dim, queries.itemsize)
