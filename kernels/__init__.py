@@ -27,6 +27,7 @@ from .distance import (
     refine_candidates,
     squared_norms,
 )
+from .normalize import l2_normalize_channels_backward, l2_normalize_channels_forward
 from .pooling import (
     avg_pool2d_backward_input,
     avg_pool2d_forward,
@@ -44,6 +45,8 @@ __all__ = [
     "exact_scan",
     "gaussian_blur",
     "gaussian_kernel1d",
+    "l2_normalize_channels_backward",
+    "l2_normalize_channels_forward",
     "merge_block_candidates",
     "refine_candidates",
     "squared_norms",

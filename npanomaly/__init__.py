@@ -18,7 +18,8 @@ if "numpy" not in sys.modules:
 from npanomaly import kernels, nn, optim, search  # noqa: E402
 from npanomaly.detector import AnomalyResult, load  # noqa: E402
 from npanomaly.patchcore import PatchCore  # noqa: E402
+from npanomaly.student_teacher import StudentTeacher  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["AnomalyResult", "PatchCore", "__version__", "kernels", "load", "nn", "optim", "search"]
+__all__ = ["AnomalyResult", "PatchCore", "StudentTeacher", "__version__", "kernels", "load", "nn", "optim", "search"]

@@ -479,9 +479,22 @@ class Sequential(Module):
         return outputs
 
     def backward(self, grad_out, input_grad=True):
-        for index in range(len(self.layers) - 1, -1, -1):
-            grad_out = self.layers[index].backward(grad_out, input_grad=input_grad or index > 0)
-        return grad_out
+        return self.backward_intermediate({len(self.layers) - 1: grad_out}, input_grad)
+
+    def backward_intermediate(self, grads, input_grad=True):
+        """Back-propagate losses that depend on several layers' outputs (multi-scale losses).
+
+        grads maps a layer index to dL/d(that layer's output); each is added to the gradient
+        flowing back from the layers above it. Layers above the highest index are skipped (they
+        must not have kept anything from a training forward that the loss did not use).
+        """
+        top = max(grads)
+        grad = None
+        for index in range(top, -1, -1):
+            if index in grads:
+                grad = grads[index] if grad is None else grad + grads[index]
+            grad = self.layers[index].backward(grad, input_grad=input_grad or index > 0)
+        return grad
 
     def extra_repr(self):
         return "\n" + "".join(f"  ({i}): {layer!r}\n" for i, layer in enumerate(self.layers))

@@ -1,0 +1,265 @@
+"""Student-Teacher anomaly detection, trained by hand-written backpropagation.
+
+A frozen teacher network describes each image as feature maps; a student network is trained on
+normal images only to reproduce them. Where the student fails to imitate the teacher, the image
+looks unlike anything it was trained on: the per-position disagreement is the anomaly map.
+
+Seed configuration (axonml-vision's StudentTeacher): teacher Conv(in,64)+BN+ReLU+Conv(64,fd)+BN+ReLU,
+student Conv(in,32)+BN+ReLU+Conv(32,fd)+BN+ReLU, all 3x3/stride 2/pad 1 with bias; loss = mean
+squared difference of the last feature maps; score = sqrt(mean squared difference) per image.
+
+``multiscale=True`` follows STFPM (Wang et al. 2021): the student has the teacher's architecture,
+both nets' features after every stage are L2-normalised over channels, the per-layer losses
+0.5 * |t/|t| - s/|s||^2 (averaged over positions and images) are summed, and the per-layer maps,
+upsampled to the input size, are multiplied; the image score is the map's maximum.
+"""
+
+import sys
+import time
+
+import numpy as np
+
+from npanomaly import kernels, nn, optim
+from npanomaly._validation import check_finite, check_nonnegative_float, check_positive_int
+from npanomaly.detector import Detector, register
+from npanomaly.maps import upsample_and_blur
+
+NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize's default
+STAGE_OUTPUTS = (2, 5)  # the ReLU after each Conv-BN-ReLU stage of the two-stage nets
+
+
+def two_stage_net(in_channels, hidden, feature_dim, rng):
+    """Conv(in, hidden)+BN+ReLU+Conv(hidden, feature_dim)+BN+ReLU, 3x3/stride 2/pad 1 with bias."""
+    return nn.Sequential(nn.Conv2d(in_channels, hidden, 3, stride=2, padding=1, seed=rng), nn.BatchNorm2d(hidden),
+                         nn.ReLU(), nn.Conv2d(hidden, feature_dim, 3, stride=2, padding=1, seed=rng),
+                         nn.BatchNorm2d(feature_dim), nn.ReLU())
+
+
+@register
+class StudentTeacher(Detector):
+    """Student-Teacher detector.
+
+    Args:
+        in_channels, feature_dim, seed: the seed nets and the seed of their random weights.
+        multiscale: STFPM-style multi-stage normalised losses and maps (student = teacher's shape).
+        blur_sigma: Gaussian blur of the anomaly maps in pixels (0 = none, the default).
+        batch_size: images per forward pass when scoring.
+    """
+
+    _fitted_attribute = "threshold_"
+
+    def __init__(self, in_channels=3, feature_dim=128, seed=0, *, multiscale=False, blur_sigma=0.0, batch_size=8):
+        super().__init__(in_channels, batch_size)
+        self.feature_dim = check_positive_int(feature_dim, "feature_dim")
+        self.seed = check_positive_int(seed, "seed", minimum=0)
+        self.multiscale = bool(multiscale)
+        self.blur_sigma = check_nonnegative_float(blur_sigma, "blur_sigma")
+        rng = np.random.default_rng(self.seed)
+        self.teacher = two_stage_net(self.in_channels, 64, self.feature_dim, rng)
+        self.student = two_stage_net(self.in_channels, 64 if self.multiscale else 32, self.feature_dim, rng)
+        self.teacher.eval().requires_grad_(False)
+        self.loss_history_ = []
+        self.val_loss_history_ = []
+        self.optimizer_ = None
+        self.threshold_ = None
+
+    @classmethod
+    def default_rgb(cls):
+        """StudentTeacher(3, 128), the seed's default."""
+        return cls(3, 128)
+
+    # ----------------------------------------------------------------- modes
+    def student_parameters(self):
+        """The trainable parameters (the student's); the teacher's are frozen."""
+        return self.student.parameters()
+
+    def train(self):
+        """Training mode for the student (batch statistics); the teacher stays in eval mode."""
+        self.student.train()
+        return self
+
+    def eval(self):
+        """Evaluation mode for both nets."""
+        self.student.eval()
+        return self
+
+    # ----------------------------------------------------------------- features and loss
+    def _features(self, net, images):
+        taps = STAGE_OUTPUTS if self.multiscale else STAGE_OUTPUTS[-1:]
+        return net.intermediate(images, taps)
+
+    def _loss_and_grads(self, teacher_maps, student_maps):
+        """(loss, {student layer index: dL/d(output)}) for one batch."""
+        grads = {}
+        if not self.multiscale:
+            diff = student_maps[0] - teacher_maps[0]
+            grads[STAGE_OUTPUTS[-1]] = diff * np.float32(2.0 / diff.size)
+            return float(np.mean(np.square(diff, dtype=np.float64))), grads
+        loss = 0.0
+        for index, t, s in zip(STAGE_OUTPUTS, teacher_maps, student_maps):
+            t_unit, _ = kernels.l2_normalize_channels_forward(t, NORMALIZE_EPS)
+            s_unit, s_norm = kernels.l2_normalize_channels_forward(s, NORMALIZE_EPS)
+            diff = s_unit - t_unit
+            positions = s.shape[0] * s.shape[2] * s.shape[3]
+            loss += 0.5 * float(np.sum(np.square(diff, dtype=np.float64))) / positions
+            grads[index] = kernels.l2_normalize_channels_backward(diff * np.float32(1.0 / positions), s_unit,
+                                                                  s_norm, NORMALIZE_EPS)
+        return loss, grads
+
+    def training_loss(self, images):
+        """The loss on a batch (the seed's mean squared feature difference, or the STFPM loss)."""
+        images = self._check_images(images, fitting=True)
+        return self._loss_and_grads(self._features(self.teacher, images), self._features(self.student, images))[0]
+
+    def train_step(self, images, optimizer):
+        """One optimisation step on a batch of normal images: forward through both nets, the loss
+        gradient, the student's hand-written backward pass, optimizer.step(). Returns the loss."""
+        if not self.student.training:
+            raise RuntimeError("train_step needs the student in training mode: call .train() first")
+        images = self._check_images(images, fitting=True)
+        teacher_maps = self._features(self.teacher, images)
+        student_maps = self._features(self.student, images)
+        loss, grads = self._loss_and_grads(teacher_maps, student_maps)
+        optimizer.zero_grad()
+        self.student.backward_intermediate(grads, input_grad=False)
+        optimizer.step()
+        return loss
+
+    # ----------------------------------------------------------------- fit
+    def fit(self, normal_images, epochs=30, batch_size=8, lr=1e-3, optimizer="adam", seed=0, validation=None,
+            quantile=0.99, warm_start=False, verbose=True):
+        """Train the student on normal images [N, C, H, W] and set the threshold.
+
+        Shuffled mini-batches (deterministic for ``seed``), Adam (or ``optimizer="sgd"``: momentum
+        0.9), one progress line per epoch on stderr (loss, held-out loss, images/s) unless
+        ``verbose=False``. ``validation``: held-out normal images; their loss is reported each epoch
+        and the threshold becomes the ``quantile`` of their scores. Without them the threshold is the
+        quantile of the training images' scores (a student that fits its training set well makes
+        that threshold low; prefer held-out images or calibrate_threshold). ``warm_start`` continues
+        with the optimizer state of the previous fit (or of a loaded model). Returns self.
+        """
+        epochs = check_positive_int(epochs, "epochs")
+        batch_size = check_positive_int(batch_size, "batch_size")
+        lr = check_nonnegative_float(lr, "lr")
+        if lr == 0.0:
+            raise ValueError("lr must be > 0")
+        if optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+        if not 0.0 < quantile <= 1.0:
+            raise ValueError(f"quantile must be in (0, 1], got {quantile!r}")
+        images = self._check_images(normal_images, "normal_images", fitting=True)
+        held_out = None if validation is None else self._check_images(validation, "validation", fitting=True)
+        if self.image_size_ is None:
+            self.image_size_ = images.shape[2:]
+        self._calibrate_teacher(images)
+
+        if not (warm_start and self.optimizer_ is not None):
+            params = self.student_parameters()
+            self.optimizer_ = optim.Adam(params, lr=lr) if optimizer == "adam" else optim.SGD(params, lr, momentum=0.9)
+        self.optimizer_.lr = lr
+        rng = np.random.default_rng(seed)
+        for epoch in range(epochs):
+            self.train()
+            start = time.perf_counter()
+            order = rng.permutation(images.shape[0])
+            losses = []
+            for first in range(0, len(order), batch_size):
+                chosen = np.sort(order[first:first + batch_size])
+                batch = images[chosen]
+                if batch.shape[0] * batch.shape[2] * batch.shape[3] < 4:
+                    continue  # batch norm needs several values per channel; only a 1-image tail of 1x1 images
+                losses.append(self.train_step(batch, self.optimizer_) * batch.shape[0])
+            self.loss_history_.append(float(np.sum(losses) / images.shape[0]))
+            rate = images.shape[0] / (time.perf_counter() - start)
+            message = f"epoch {len(self.loss_history_):3d}/{epochs}: loss {self.loss_history_[-1]:.6f}"
+            if held_out is not None:
+                self.eval()
+                self.val_loss_history_.append(self._mean_loss(held_out))
+                message += f", held-out loss {self.val_loss_history_[-1]:.6f}"
+            if verbose:
+                print(f"{message}, {rate:.1f} images/s", file=sys.stderr, flush=True)
+        self.eval()
+        self.threshold_ = 0.0  # marks the model as fitted for score_samples
+        self.calibrate_threshold(held_out if held_out is not None else images, quantile)
+        return self
+
+    def _calibrate_teacher(self, images):
+        """Estimate the teacher's batch-norm statistics once from the normal images.
+
+        A randomly initialised teacher's running statistics (mean 0, variance 1) describe nothing;
+        one pass in training mode with momentum=None sets them to the average over the batches.
+        The teacher's weights are untouched; a teacher that has seen data keeps its statistics.
+        """
+        norms = [layer for layer in self.teacher.layers if isinstance(layer, nn.BatchNorm2d)]
+        if any(layer.num_batches_tracked > 0 for layer in norms):
+            return
+        momenta = [layer.momentum for layer in norms]
+        for layer in norms:
+            layer.momentum = None
+        self.teacher.train()
+        for batch in self._batches(images):
+            if batch.shape[0] * batch.shape[2] * batch.shape[3] >= 4:
+                self.teacher(batch)
+        self.teacher.eval()
+        for layer, momentum in zip(norms, momenta):
+            layer.momentum = momentum
+
+    def _mean_loss(self, images):
+        total = 0.0
+        for batch in self._batches(images):
+            total += self._loss_and_grads(self._features(self.teacher, batch),
+                                          self._features(self.student, batch))[0] * batch.shape[0]
+        return total / images.shape[0]
+
+    # ----------------------------------------------------------------- scoring
+    def _score_and_map(self, batch, want_maps):
+        if self.student.training:
+            raise RuntimeError("scoring needs evaluation mode: call .eval() after training by hand")
+        teacher_maps = self._features(self.teacher, batch)
+        student_maps = self._features(self.student, batch)
+        size = batch.shape[2:]
+        if not self.multiscale:
+            per_position = np.mean(np.square(student_maps[0] - teacher_maps[0], dtype=np.float64), axis=1)
+            scores = np.sqrt(per_position.mean(axis=(1, 2)))
+            maps = upsample_and_blur(per_position, size, self.blur_sigma) if want_maps else None
+            return scores, maps
+        combined = np.ones((batch.shape[0],) + size, dtype=np.float32)
+        for t, s in zip(teacher_maps, student_maps):
+            t_unit, _ = kernels.l2_normalize_channels_forward(t, NORMALIZE_EPS)
+            s_unit, _ = kernels.l2_normalize_channels_forward(s, NORMALIZE_EPS)
+            layer_map = 0.5 * np.sum(np.square(s_unit - t_unit), axis=1)
+            combined *= upsample_and_blur(layer_map, size, 0.0)
+        if self.blur_sigma > 0:
+            combined = kernels.gaussian_blur(combined[:, None], self.blur_sigma)[:, 0]
+        return combined.reshape(len(combined), -1).max(axis=1).astype(np.float64), combined
+
+    # ----------------------------------------------------------------- persistence
+    def _config(self):
+        return dict(in_channels=self.in_channels, feature_dim=self.feature_dim, seed=self.seed,
+                    multiscale=self.multiscale, blur_sigma=self.blur_sigma, batch_size=self.batch_size)
+
+    def _arrays(self):
+        arrays = {f"teacher/{k}": v for k, v in self.teacher.state_dict().items()}
+        arrays.update({f"student/{k}": v for k, v in self.student.state_dict().items()})
+        arrays["loss_history"] = np.array(self.loss_history_, dtype=np.float64)
+        arrays["val_loss_history"] = np.array(self.val_loss_history_, dtype=np.float64)
+        if self.optimizer_ is not None:
+            arrays["optimizer/kind"] = np.array(type(self.optimizer_).__name__)
+            arrays["optimizer/lr"] = np.array(self.optimizer_.lr)
+            arrays.update({f"optimizer/state/{k}": v for k, v in self.optimizer_.state_dict().items()})
+        return arrays
+
+    def _restore(self, arrays):
+        for prefix, net in (("teacher/", self.teacher), ("student/", self.student)):
+            net.load_state_dict({k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
+            for param in net.parameters():
+                check_finite(param.data, f"{prefix}parameters")
+        self.loss_history_ = arrays["loss_history"].tolist()
+        self.val_loss_history_ = arrays["val_loss_history"].tolist()
+        if "optimizer/kind" in arrays:
+            kind = str(arrays["optimizer/kind"])
+            params, lr = self.student_parameters(), float(arrays["optimizer/lr"])
+            self.optimizer_ = optim.Adam(params, lr=lr) if kind == "Adam" else optim.SGD(params, lr, momentum=0.9)
+            prefix = "optimizer/state/"
+            self.optimizer_.load_state_dict({k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
+        self.eval()

@@ -1,0 +1,186 @@
+"""Student-Teacher: the seed nets, hand-written training checked by finite differences and torch,
+detection, heatmaps, thresholds, persistence and errors."""
+
+import numpy as np
+import pytest
+
+from npanomaly import StudentTeacher, load, nn, optim
+from strategies import random_array
+from test_gradcheck import numeric_gradient
+from textures import auroc, textures, with_defects
+
+
+@pytest.fixture(scope="module")
+def trained():
+    st = StudentTeacher(feature_dim=32, seed=0)
+    st.fit(textures(16, seed=0), epochs=6, batch_size=4, lr=3e-3, validation=textures(6, seed=7), verbose=False)
+    return st
+
+
+def test_seed_nets():
+    st = StudentTeacher.default_rgb()
+    assert st.feature_dim == 128 and st.in_channels == 3
+    for net, hidden in ((st.teacher, 64), (st.student, 32)):
+        assert [type(layer) for layer in net.layers] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU] * 2
+        convs = net.layers[0::3]
+        assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, c.bias is not None)
+                for c in convs] == [(3, hidden, (3, 3), 2, 1, True), (hidden, 128, (3, 3), 2, 1, True)]
+    assert not st.teacher.training and not any(p.requires_grad for p in st.teacher.parameters())
+    assert st.student_parameters() == st.student.parameters()
+    assert st.train().student.training and not st.teacher.training
+    assert not st.eval().student.training
+
+
+def test_training_loss_is_the_seeds_mean_squared_difference():
+    st = StudentTeacher(feature_dim=8).eval()
+    x = textures(3, size=(16, 16))
+    t, s = st.teacher(x), st.student(x)
+    assert st.training_loss(x) == pytest.approx(float(np.mean((t.astype(np.float64) - s) ** 2)), rel=1e-6)
+    st.set_threshold(0.0)
+    scores = st.score_samples(x)
+    np.testing.assert_allclose(scores, np.sqrt(np.mean((t.astype(np.float64) - s) ** 2, axis=(1, 2, 3))),
+                               rtol=1e-6)
+
+
+@pytest.mark.parametrize("multiscale", [False, True])
+def test_loss_gradient_of_every_student_parameter_by_finite_differences(multiscale):
+    st = StudentTeacher(in_channels=2, feature_dim=3, seed=1, multiscale=multiscale)
+    st.teacher.to(np.float64)
+    st.student.to(np.float64).train()
+    x = random_array(2, (3, 2, 8, 6))
+    teacher_maps = st._features(st.teacher, x)
+
+    def loss():
+        return st._loss_and_grads(teacher_maps, st._features(st.student, x))[0]
+
+    st.student.zero_grad()
+    _, grads = st._loss_and_grads(teacher_maps, st._features(st.student, x))
+    st.student.backward_intermediate(grads, input_grad=False)
+    for name, param in st.student.named_parameters():
+        np.testing.assert_allclose(param.grad, numeric_gradient(loss, param.data), rtol=1e-5, atol=1e-9,
+                                   err_msg=name)
+
+
+@pytest.mark.parametrize("multiscale", [False, True])
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_training_steps_follow_torch(kind, multiscale):
+    torch = pytest.importorskip("torch")
+    from test_torch_oracle import to_torch
+
+    st = StudentTeacher(feature_dim=16, seed=2, multiscale=multiscale)
+    teacher, student = to_torch(st.teacher).eval(), to_torch(st.student).train()
+    if kind == "sgd":
+        ours, theirs = (optim.SGD(st.student_parameters(), lr=0.05, momentum=0.9),
+                        torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9))
+    else:
+        ours, theirs = optim.Adam(st.student_parameters(), lr=1e-3), torch.optim.Adam(student.parameters(), lr=1e-3)
+    st.train()
+    for step in range(4):
+        x = textures(4, size=(24, 20), seed=10 + step)
+        loss = st.train_step(x, ours)
+        theirs.zero_grad()
+        xt = torch.from_numpy(x)
+        if multiscale:
+            tloss = 0.0
+            ht, hs = xt, xt
+            for first, last in ((0, 3), (3, 6)):
+                ht, hs = teacher[first:last](ht), student[first:last](hs)
+                diff = torch.nn.functional.normalize(hs, dim=1) - torch.nn.functional.normalize(ht.detach(), dim=1)
+                tloss = tloss + 0.5 * (diff ** 2).sum() / (hs.shape[0] * hs.shape[2] * hs.shape[3])
+        else:
+            tloss = torch.mean((student(xt) - teacher(xt).detach()) ** 2)
+        tloss.backward()
+        theirs.step()
+        assert loss == pytest.approx(tloss.item(), rel=1e-4)
+    for (name, param), tparam in zip(st.student.named_parameters(), student.parameters()):
+        expected = tparam.detach().numpy()
+        if kind == "adam" and name in ("0.bias", "3.bias"):
+            # A conv bias right before batch norm has an exactly zero gradient; both libraries see
+            # only rounding noise, which Adam normalises into steps of about lr in random directions.
+            assert np.all(np.abs(param.grad) < 1e-5)
+            continue
+        np.testing.assert_allclose(param.data, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max(), err_msg=name)
+
+
+def test_loss_falls_and_defects_score_higher(trained):
+    assert trained.loss_history_[-1] < 0.7 * trained.loss_history_[0]
+    assert len(trained.val_loss_history_) == 6
+    good = textures(8, seed=100)
+    bad, masks = with_defects(textures(8, seed=200))
+    assert auroc(trained.score_samples(good), trained.score_samples(bad)) >= 0.95
+    maps = trained.anomaly_map(bad)
+    assert maps.shape == (8, 48, 48)
+    assert np.mean([m[k].mean() > m[~k].mean() for m, k in zip(maps, masks)]) >= 0.75
+    results = trained.predict(bad)
+    assert all(r.heatmap.shape == (48, 48) for r in results)
+    assert sum(r.is_anomalous for r in results) >= 6
+
+
+def test_multiscale_detects_too():
+    st = StudentTeacher(feature_dim=32, seed=0, multiscale=True)
+    assert st.student.layers[0].out_channels == 64  # STFPM: the student has the teacher's shape
+    st.fit(textures(16, seed=0), epochs=6, batch_size=4, lr=3e-3, verbose=False)
+    good = textures(8, seed=100)
+    bad, _ = with_defects(textures(8, seed=200))
+    assert auroc(st.score_samples(good), st.score_samples(bad)) >= 0.9
+
+
+def test_fit_is_deterministic_and_reports_progress(capsys):
+    a = StudentTeacher(feature_dim=8).fit(textures(6, size=(16, 16)), epochs=2, batch_size=3, seed=5)
+    err = capsys.readouterr().err
+    assert err.count("epoch") == 2 and "images/s" in err and "loss" in err
+    b = StudentTeacher(feature_dim=8).fit(textures(6, size=(16, 16)), epochs=2, batch_size=3, seed=5, verbose=False)
+    assert capsys.readouterr().err == ""
+    assert a.loss_history_ == b.loss_history_
+    for p, q in zip(a.student_parameters(), b.student_parameters()):
+        np.testing.assert_array_equal(p.data, q.data)
+
+
+def test_calibrated_threshold():
+    st = StudentTeacher(feature_dim=8).fit(textures(8, size=(16, 16)), epochs=1, verbose=False)
+    held_out = textures(20, size=(16, 16), seed=3)
+    st.calibrate_threshold(held_out, quantile=0.9)
+    assert np.mean(st.score_samples(held_out) > st.threshold) == pytest.approx(0.1, abs=0.051)
+
+
+def test_save_load_predicts_identically_and_continues_training(trained, tmp_path):
+    path = tmp_path / "st.npz"
+    trained.save(path)
+    loaded = load(path)
+    assert isinstance(loaded, StudentTeacher)
+    images = with_defects(textures(5, seed=9))[0]
+    np.testing.assert_array_equal(loaded.anomaly_map(images), trained.anomaly_map(images))
+    assert loaded.threshold == trained.threshold and loaded.loss_history_ == trained.loss_history_
+    more = textures(6, seed=11)
+    for model in (trained, loaded):
+        model.fit(more, epochs=1, batch_size=3, lr=1e-3, warm_start=True, verbose=False)
+    for p, q in zip(trained.student_parameters(), loaded.student_parameters()):
+        np.testing.assert_array_equal(p.data, q.data)
+    with pytest.raises(ValueError, match="holds a StudentTeacher model, not a PatchCore"):
+        from npanomaly import PatchCore
+        PatchCore.load(path)
+
+
+def test_errors(trained):
+    x = textures(4, size=(16, 16))
+    with pytest.raises(RuntimeError, match="not fitted"):
+        StudentTeacher(feature_dim=8).predict(x)
+    st = StudentTeacher(feature_dim=8).eval()
+    with pytest.raises(RuntimeError, match="training mode"):
+        st.train_step(x, optim.SGD(st.student_parameters(), lr=0.1))
+    for kwargs, match in ((dict(epochs=0), "epochs must be >= 1"), (dict(epochs=-2), "epochs must be >= 1"),
+                          (dict(batch_size=0), "batch_size must be >= 1"), (dict(lr=0.0), "lr must be > 0"),
+                          (dict(lr=-1e-3), "lr must be a finite number >= 0"),
+                          (dict(optimizer="rmsprop"), "optimizer must be"), (dict(epochs=1.5), "epochs must be an int")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            StudentTeacher(feature_dim=8).fit(x, verbose=False, **kwargs)
+    with pytest.raises(ValueError, match="3 channels"):
+        trained.predict(x[:, :2])
+    with pytest.raises(ValueError, match="48x48 images"):
+        trained.predict(x)
+    nan = textures(2)
+    nan[1, 2, 3, 4] = np.inf
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        trained.predict(nan)
+    with pytest.raises(ValueError, match="empty batch"):
+        trained.score_samples(textures(2)[:0])
