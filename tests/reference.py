@@ -207,3 +207,8 @@ def patchcore_eq7(test_patch, s_star, m_star_index, bank, b):
     neighbourhood = np.lexsort((np.arange(len(bank)), d_bank))[:b]
     d_test = np.sqrt(((bank[neighbourhood] - test_patch.astype(np.float64)) ** 2).sum(axis=1))
     return (1.0 - np.exp(s_star) / np.exp(d_test).sum()) * s_star
+
+
+def l2_normalize_channels(x, eps=1e-12):
+    norm = np.sqrt((x.astype(np.float64) ** 2).sum(axis=1, keepdims=True))
+    return x / np.maximum(norm, eps)

@@ -143,3 +143,26 @@ def test_all_finite(dtype):
         y = x.copy()
         y[1, 2, 3, 4] = bad
         assert not K.all_finite(y)
+
+
+@given(shape=st.tuples(st.integers(1, 2), st.integers(1, 5), st.integers(1, 4), st.integers(1, 4)),
+       seed=st.integers(0, 2**16))
+def test_l2_normalize_channels_matches_reference_and_finite_differences(shape, seed):
+    x = random_array(seed, shape)
+    x[0, :, 0, 0] = 0.0  # a zero vector takes the eps branch, as in torch.nn.functional.normalize
+    y, norm = K.l2_normalize_channels_forward(x, 1e-12)
+    np.testing.assert_allclose(y, ref.l2_normalize_channels(x), rtol=1e-12, atol=1e-15)
+    upstream = random_array(seed + 1, shape)
+    grad = K.l2_normalize_channels_backward(upstream, y, norm, 1e-12)
+    np.testing.assert_allclose(grad[0, :, 0, 0], upstream[0, :, 0, 0] / 1e-12)  # y = x / eps there, as torch
+    x[0, :, 0, 0] = 0.5  # finite differences only away from the kink at 0
+    y, norm = K.l2_normalize_channels_forward(x, 1e-12)
+    grad = K.l2_normalize_channels_backward(upstream, y, norm, 1e-12)
+    eps = 1e-6
+    numeric = np.zeros_like(x)
+    for i in range(x.size):
+        plus, minus = x.copy(), x.copy()
+        plus.flat[i] += eps
+        minus.flat[i] -= eps
+        numeric.flat[i] = np.sum(upstream * (ref.l2_normalize_channels(plus) - ref.l2_normalize_channels(minus))) / (2 * eps)
+    np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-8)
