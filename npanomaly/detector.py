@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from npanomaly._progress import Progress
 from npanomaly._validation import check_batch, check_finite, check_fitted, check_positive_int
 
 FORMAT_VERSION = 1
@@ -47,6 +48,7 @@ class Detector:
         self.batch_size = check_positive_int(batch_size, "batch_size")
         self.threshold_ = None
         self.image_size_ = None
+        self.show_progress = False  # progress bars on stderr for long steps (the CLI turns them on)
 
     # ----------------------------------------------------------------- input
     def _check_images(self, images, name="images", fitting=False):
@@ -66,11 +68,13 @@ class Detector:
         check_fitted(self, self._fitted_attribute)
         images = self._check_images(images)
         scores, maps = [], []
-        for batch in self._batches(images):
-            batch_scores, batch_maps = self._score_and_map(batch, want_maps)
-            scores.append(batch_scores)
-            if want_maps:
-                maps.append(batch_maps)
+        with Progress(images.shape[0], "prediction", self.show_progress) as bar:
+            for batch in self._batches(images):
+                batch_scores, batch_maps = self._score_and_map(batch, want_maps)
+                scores.append(batch_scores)
+                if want_maps:
+                    maps.append(batch_maps)
+                bar.update(batch.shape[0])
         return np.concatenate(scores), (np.concatenate(maps) if want_maps else None)
 
     # ----------------------------------------------------------------- public

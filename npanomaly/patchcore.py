@@ -13,6 +13,7 @@ features (the seed's eval() did nothing, so a test image's score depended on its
 import numpy as np
 
 from npanomaly import kernels, nn
+from npanomaly._progress import Progress
 from npanomaly._validation import check_finite, check_positive_int
 from npanomaly.detector import Detector, register
 from npanomaly.maps import upsample_and_blur
@@ -185,14 +186,18 @@ class PatchCore(Detector):
                 or not 0.0 < coreset_ratio <= 1.0:
             raise ValueError(f"coreset_ratio must be in (0, 1], got {coreset_ratio!r}")
         images = self._check_images(normal_images, "normal_images", fitting=True)
-        features = np.concatenate([self._patch_features(batch).reshape(-1, self.feature_size)
-                                   for batch in self._batches(images)])
+        parts = []
+        with Progress(images.shape[0], "feature extraction", self.show_progress) as bar:
+            for batch in self._batches(images):
+                parts.append(self._patch_features(batch).reshape(-1, self.feature_size))
+                bar.update(batch.shape[0])
+        features = np.concatenate(parts)
         n = features.shape[0]
         if self.sampler == "uniform":
             keep = seed_uniform_indices(n, coreset_ratio)
         else:
             keep = greedy_coreset(features, max(1, int(n * coreset_ratio)), projection_dim=self.projection_dim,
-                                  start=0, seed=self.seed)
+                                  start=0, seed=self.seed, progress=self.show_progress)
         self.memory_bank_ = np.ascontiguousarray(features[keep])
         self.image_size_ = images.shape[2:]
         self.threshold_ = nearest_other_threshold(self.memory_bank_)

@@ -7,6 +7,7 @@ time (never [Q, M]); ``greedy_coreset`` holds one distance per point (never [N, 
 import numpy as np
 
 from npanomaly import kernels
+from npanomaly._progress import Progress
 from npanomaly._validation import check_array, check_finite, check_positive_int
 from npanomaly.kernels import _config
 
@@ -82,7 +83,7 @@ def knn(queries, bank, k=1, *, exclude_self=False):
     return np.sqrt(distances).astype(np.float32), indices
 
 
-def greedy_coreset(features, n_select, projection_dim=128, start=0, seed=0):
+def greedy_coreset(features, n_select, projection_dim=128, start=0, seed=0, progress=False):
     """Indices of a greedy k-center coreset (PatchCore's memory-bank subsampling).
 
     Starting from row ``start``, repeatedly adds the row farthest from everything selected so far
@@ -98,6 +99,7 @@ def greedy_coreset(features, n_select, projection_dim=128, start=0, seed=0):
         projection_dim: int >= 1 or None.
         start: the first selected row, 0 <= start < N.
         seed: seed of the projection matrix.
+        progress: show a progress bar on stderr.
 
     Returns:
         int64 [n_select] row indices in selection order. Memory: one float64 per row.
@@ -119,8 +121,10 @@ def greedy_coreset(features, n_select, projection_dim=128, start=0, seed=0):
     min_dist = np.full(n, np.inf)
     selected = np.empty(n_select, dtype=np.int64)
     selected[0] = start
-    for step in range(1, n_select):
-        kernels.update_min_distances(features, selected[step - 1], min_dist)
-        min_dist[selected[step - 1]] = -1.0
-        selected[step] = np.argmax(min_dist)  # the first maximum: ties go to the lowest index
+    with Progress(n_select - 1, "coreset", progress) as bar:
+        for step in range(1, n_select):
+            kernels.update_min_distances(features, selected[step - 1], min_dist)
+            min_dist[selected[step - 1]] = -1.0
+            selected[step] = np.argmax(min_dist)  # the first maximum: ties go to the lowest index
+            bar.update()
     return selected

@@ -1,0 +1,5 @@
+import sys
+
+from npanomaly.cli import main
+
+sys.exit(main())

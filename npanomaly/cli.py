@@ -1,0 +1,207 @@
+"""The ``npanomaly`` command: demo, fit, predict, eval.
+
+Errors are reported as one line on stderr with exit status 1, never as a traceback.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import npanomaly
+from npanomaly import metrics, synthetic
+from npanomaly.data import load_images, open_dataset
+from npanomaly.png import write_png
+from npanomaly.report import heatmap_overlay, section, write_report
+
+MODELS = {"patchcore": "PatchCore", "student-teacher": "StudentTeacher"}
+
+
+def _say(args, message):
+    if not args.quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _evaluate(model, images, labels, masks):
+    """Scores, maps and the metrics table of a fitted model on a labelled test set."""
+    start = time.perf_counter()
+    scores, maps = model._stream(images, want_maps=True)
+    predict_s = time.perf_counter() - start
+    table = {"image AUROC": metrics.auroc(scores, labels)}
+    if masks is not None and masks.any():
+        table["pixel AUROC"] = metrics.pixel_auroc(maps, masks)
+        table["AUPRO (FPR <= 0.3)"] = metrics.aupro(maps, masks)
+    table["F1 max"] = metrics.f1_max(scores, labels)[0]
+    return scores, maps, table, predict_s
+
+
+def _make_model(name, args):
+    if name == "patchcore":
+        model = npanomaly.PatchCore(in_channels=3, feature_dim=256, seed=args.seed)
+    else:
+        model = npanomaly.StudentTeacher(in_channels=3, feature_dim=128, seed=args.seed)
+    model.show_progress = not args.quiet
+    return model
+
+
+def _fit(model, train, held_out, args):
+    if isinstance(model, npanomaly.PatchCore):
+        model.fit(train, coreset_ratio=args.coreset_ratio)
+        if held_out is not None:
+            model.calibrate_threshold(held_out, quantile=0.99)
+    else:
+        model.fit(train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                  validation=held_out, verbose=not args.quiet)
+    return model
+
+
+def command_demo(args):
+    """Generate the built-in data, fit both detectors on each texture, print and report the metrics."""
+    os.makedirs(args.out, exist_ok=True)
+    sections, rows = [], []
+    for style in synthetic.STYLES:
+        category = synthetic.make_category(style, n_train=48, size=args.size, seed=args.seed)
+        synthetic.write_mvtec(os.path.join(args.out, "data"), category)
+        train, held_out = category.train[:40], category.train[40:]
+        for name in ("patchcore", "student-teacher"):
+            _say(args, f"{style} / {name}")
+            model = _make_model(name, args)
+            start = time.perf_counter()
+            _fit(model, train, held_out, args)
+            fit_s = time.perf_counter() - start
+            scores, maps, table, predict_s = _evaluate(model, category.test, category.labels, category.masks)
+            rows.append((style, name, table, fit_s, predict_s, len(category.test)))
+            table = dict(table, **{"threshold": model.threshold, "fit time (s)": fit_s,
+                                   "predict time (s)": predict_s})
+            names = [f"{d} #{i}" for i, d in enumerate(category.defects)]
+            sections.append(section(f"{style}: {type(model).__name__}", table, scores, category.labels,
+                                    model.threshold, category.test, maps, category.masks, names))
+    report = write_report(os.path.join(args.out, "report.html"), "npanomaly demo: built-in textures", sections)
+    header = f"{'category':<10} {'model':<16} {'image AUROC':>11} {'pixel AUROC':>11} {'AUPRO':>7} {'fit s':>7} " \
+             f"{'predict img/s':>13}"
+    print(header)
+    for style, name, table, fit_s, predict_s, n in rows:
+        print(f"{style:<10} {name:<16} {table['image AUROC']:>11.3f} {table['pixel AUROC']:>11.3f} "
+              f"{table['AUPRO (FPR <= 0.3)']:>7.3f} {fit_s:>7.1f} {n / predict_s:>13.1f}")
+    print(f"report: {report}\ndata (MVTec AD layout): {os.path.join(args.out, 'data')}")
+    return 0
+
+
+def command_fit(args):
+    if args.backbone != "seed" or args.weights:
+        raise ValueError("only the seed backbone is available in this version (--backbone seed, no --weights)")
+    dataset = open_dataset(args.data)
+    size = (args.size, args.size)
+    train = dataset.train_images(size)
+    _say(args, f"{len(train)} training images from {args.data}, resized to {args.size}x{args.size}")
+    held_out = None
+    normal_tests = [item.path for item in dataset.test_items if not item.anomalous]
+    if normal_tests:
+        held_out = load_images(normal_tests, size)
+    model = _fit(_make_model(args.model, args), train, held_out, args)
+    path = model.save(args.out)
+    print(f"saved {type(model).__name__} to {path} (threshold {model.threshold:.6g})")
+    return 0
+
+
+def command_predict(args):
+    model = npanomaly.load(args.model)
+    model.show_progress = not args.quiet and not args.json
+    images = load_images(args.images, model.image_size_)
+    results = model.predict(images)
+    if args.heatmaps:
+        os.makedirs(args.heatmaps, exist_ok=True)
+        low = min(float(r.heatmap.min()) for r in results)
+        high = max(float(r.heatmap.max()) for r in results)
+        used = set()
+        for index, (path, image, result) in enumerate(zip(args.images, images, results)):
+            stem = os.path.splitext(os.path.basename(path))[0]
+            name = f"{stem}_heatmap.png" if stem not in used else f"{stem}_{index}_heatmap.png"
+            used.add(stem)
+            write_png(os.path.join(args.heatmaps, name), heatmap_overlay(image, result.heatmap, low, high))
+    if args.json:
+        print(json.dumps([{"image": path, "score": r.score, "is_anomalous": r.is_anomalous}
+                          for path, r in zip(args.images, results)], indent=2))
+    else:
+        for path, result in zip(args.images, results):
+            print(f"{path}\t{result.score:.6f}\t{'ANOMALOUS' if result.is_anomalous else 'normal'}")
+    return 0
+
+
+def command_eval(args):
+    model = npanomaly.load(args.model)
+    model.show_progress = not args.quiet
+    dataset = open_dataset(args.data)
+    images, labels, masks, defects = dataset.test_images(model.image_size_)
+    scores, maps, table, predict_s = _evaluate(model, images, labels, masks)
+    for key, value in table.items():
+        print(f"{key:<20} {value:.4f}")
+    print(f"{'images':<20} {len(images)} ({labels.sum()} anomalous), {len(images) / predict_s:.1f} images/s")
+    if args.report:
+        names = [os.path.relpath(item.path, args.data) for item in dataset.test_items]
+        write_report(args.report, f"npanomaly eval: {args.data}",
+                     [section(type(model).__name__, dict(table, threshold=model.threshold), scores, labels,
+                              model.threshold, images, maps, masks, names)])
+        print(f"report: {args.report}")
+    return 0
+
+
+def build_parser():
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", action="store_true", help="no progress output on stderr")
+    parser = argparse.ArgumentParser(prog="npanomaly", description="Visual anomaly detection in NumPy and Numba.")
+    parser.add_argument("--version", action="version", version=f"npanomaly {npanomaly.__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", parents=[common], help="fit both detectors on the built-in textures")
+    demo.add_argument("--out", default="npanomaly-demo", help="folder for report.html and the data (default %(default)s)")
+    demo.add_argument("--size", type=int, default=64, help="image size (default %(default)s)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--epochs", type=int, default=30, help="Student-Teacher epochs (default %(default)s)")
+    demo.add_argument("--batch-size", type=int, default=8)
+    demo.add_argument("--lr", type=float, default=1e-3)
+    demo.add_argument("--coreset-ratio", type=float, default=0.1)
+    demo.set_defaults(run=command_demo)
+
+    fit = commands.add_parser("fit", parents=[common], help="fit a model on a data set")
+    fit.add_argument("data", help="an MVTec AD category folder or a folder with normal/ (and anomalous/, masks/)")
+    fit.add_argument("--model", choices=sorted(MODELS), default="patchcore")
+    fit.add_argument("--backbone", default="seed", help="feature extractor (default %(default)s)")
+    fit.add_argument("--weights", help="weights file for a pretrained backbone")
+    fit.add_argument("--out", default="model.npz", help="where to save the model (default %(default)s)")
+    fit.add_argument("--size", type=int, default=128, help="images are resized to SIZE x SIZE (default %(default)s)")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--coreset-ratio", type=float, default=0.1)
+    fit.add_argument("--epochs", type=int, default=30)
+    fit.add_argument("--batch-size", type=int, default=8)
+    fit.add_argument("--lr", type=float, default=1e-3)
+    fit.set_defaults(run=command_fit)
+
+    predict = commands.add_parser("predict", parents=[common], help="score images with a saved model")
+    predict.add_argument("model")
+    predict.add_argument("images", nargs="+")
+    predict.add_argument("--heatmaps", metavar="DIR", help="write heatmap overlays as PNG files here")
+    predict.add_argument("--json", action="store_true", help="print the results as JSON")
+    predict.set_defaults(run=command_predict)
+
+    evaluate = commands.add_parser("eval", parents=[common], help="metrics of a saved model on a labelled data set")
+    evaluate.add_argument("model")
+    evaluate.add_argument("data")
+    evaluate.add_argument("--report", metavar="FILE.html", help="write a self-contained HTML report")
+    evaluate.set_defaults(run=command_eval)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, TypeError, RuntimeError, OSError) as error:
+        print(f"npanomaly: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("npanomaly: interrupted", file=sys.stderr)
+        return 130
+
+
