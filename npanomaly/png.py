@@ -79,6 +79,23 @@ def _chunks(data):
     raise ValueError("PNG has no IEND chunk (truncated file?)")
 
 
+def _check_header(header, max_pixels):
+    """Refuse a header describing an invalid or too large image, before any pixel is decompressed."""
+    width, height, depth, colour, compression, filter_method, interlace = header
+    if width == 0 or height == 0:
+        raise ValueError(f"PNG has a zero size: {width}x{height}")
+    if colour not in CHANNELS or depth not in ALLOWED_DEPTHS[colour]:
+        raise ValueError(f"PNG colour type {colour} with bit depth {depth} is not valid")
+    if compression != 0 or filter_method != 0:
+        raise ValueError(f"PNG uses unknown compression {compression} or filter method {filter_method}")
+    if interlace == 1:
+        raise ValueError("interlaced (Adam7) PNG files are not supported; re-save the image without interlacing")
+    if interlace != 0:
+        raise ValueError(f"PNG interlace method {interlace} is not valid")
+    if width * height > max_pixels:
+        raise ValueError(f"PNG is {width}x{height} = {width * height} pixels, more than max_pixels={max_pixels}")
+
+
 def decode_png(data, max_pixels=DEFAULT_MAX_PIXELS):
     """Decode PNG bytes to an array [H, W] (grey) or [H, W, C] (C = 2, 3 or 4), uint8 or uint16."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -93,6 +110,7 @@ def decode_png(data, max_pixels=DEFAULT_MAX_PIXELS):
             if len(payload) != 13:
                 raise ValueError(f"PNG IHDR must be 13 bytes, got {len(payload)}")
             header = struct.unpack(">IIBBBBB", payload)
+            _check_header(header, max_pixels)
         elif header is None:
             raise ValueError(f"PNG chunk {kind!r} comes before IHDR")
         elif kind == b"PLTE":
@@ -105,19 +123,7 @@ def decode_png(data, max_pixels=DEFAULT_MAX_PIXELS):
             compressed.append(payload)
     if header is None:
         raise ValueError("PNG has no IHDR chunk")
-    width, height, depth, colour, compression, filter_method, interlace = header
-    if width == 0 or height == 0:
-        raise ValueError(f"PNG has a zero size: {width}x{height}")
-    if colour not in CHANNELS or depth not in ALLOWED_DEPTHS[colour]:
-        raise ValueError(f"PNG colour type {colour} with bit depth {depth} is not valid")
-    if compression != 0 or filter_method != 0:
-        raise ValueError(f"PNG uses unknown compression {compression} or filter method {filter_method}")
-    if interlace == 1:
-        raise ValueError("interlaced (Adam7) PNG files are not supported; re-save the image without interlacing")
-    if interlace != 0:
-        raise ValueError(f"PNG interlace method {interlace} is not valid")
-    if width * height > max_pixels:
-        raise ValueError(f"PNG is {width}x{height} = {width * height} pixels, more than max_pixels={max_pixels}")
+    width, height, depth, colour = header[:4]
     if colour == 3 and palette is None:
         raise ValueError("palette PNG has no PLTE chunk")
     if not compressed:

@@ -212,3 +212,43 @@ def patchcore_eq7(test_patch, s_star, m_star_index, bank, b):
 def l2_normalize_channels(x, eps=1e-12):
     norm = np.sqrt((x.astype(np.float64) ** 2).sum(axis=1, keepdims=True))
     return x / np.maximum(norm, eps)
+
+
+def png_with_filters(image, filters, depth=8):
+    """A PNG of image [H, W, C] (uint8/uint16) whose row y uses filter type filters[y]: an encoder
+    written from the specification, so the decoder is tested on every filter (Pillow picks its own)."""
+    import struct
+    import zlib
+
+    height, width, channels = image.shape
+    samples = image.astype(">u2").view(np.uint8) if depth == 16 else image.astype(np.uint8)
+    rows = samples.reshape(height, -1).astype(np.int64)
+    bpp = max(1, channels * depth // 8)
+    raw = bytearray()
+    for y in range(height):
+        kind = filters[y]
+        row = rows[y]
+        above = rows[y - 1] if y > 0 else np.zeros_like(row)
+        left = np.concatenate([np.zeros(bpp, np.int64), row[:-bpp]])
+        upper_left = np.concatenate([np.zeros(bpp, np.int64), above[:-bpp]])
+        if kind == 0:
+            predictor = np.zeros_like(row)
+        elif kind == 1:
+            predictor = left
+        elif kind == 2:
+            predictor = above
+        elif kind == 3:
+            predictor = (left + above) // 2
+        else:
+            p = left + above - upper_left
+            pa, pb, pc = np.abs(p - left), np.abs(p - above), np.abs(p - upper_left)
+            predictor = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, above, upper_left))
+        raw.append(kind)
+        raw.extend(((row - predictor) % 256).astype(np.uint8).tobytes())
+    colour = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
+
+    def chunk(kind, payload):
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(bytes(raw))) + chunk(b"IEND", b""))
