@@ -20,6 +20,11 @@ from .conv import (
     conv2d_forward,
     conv2d_output_size,
 )
+from .depthwise import (
+    depthwise_conv2d_backward_input,
+    depthwise_conv2d_backward_weight,
+    depthwise_conv2d_forward,
+)
 from .distance import (
     dot_error_bound,
     exact_scan,
@@ -41,6 +46,9 @@ from .resize import bilinear_resize, gaussian_blur, gaussian_kernel1d
 __all__ = [
     "all_finite",
     "bilinear_resize",
+    "depthwise_conv2d_backward_input",
+    "depthwise_conv2d_backward_weight",
+    "depthwise_conv2d_forward",
     "dot_error_bound",
     "exact_scan",
     "gaussian_blur",

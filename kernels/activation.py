@@ -1,4 +1,4 @@
-"""Rectified linear unit, forward and backward."""
+"""Rectified linear units (ReLU, and ReLU6 with upper=6), forward and backward."""
 
 import numpy as np
 from numba import njit, prange
@@ -7,8 +7,8 @@ from ._config import PARALLEL_JIT_OPTIONS
 
 
 @njit(**PARALLEL_JIT_OPTIONS)
-def relu_forward(x):
-    """y = max(x, 0), elementwise.
+def relu_forward(x, upper=np.inf):
+    """y = min(max(x, 0), upper), elementwise (upper = inf: ReLU; 6: ReLU6).
 
     Shapes: x [...] C-contiguous -> y of the same shape.
     Parallel: over elements; each writes its own output.
@@ -17,16 +17,17 @@ def relu_forward(x):
     flat_x = x.reshape(x.size)
     flat_y = y.reshape(y.size)
     for i in prange(flat_x.size):
-        flat_y[i] = flat_x[i] if flat_x[i] > 0 else 0
+        flat_y[i] = min(flat_x[i], upper) if flat_x[i] > 0 else 0
     return y
 
 
 @njit(**PARALLEL_JIT_OPTIONS)
-def relu_backward_input(grad_out, x):
+def relu_backward_input(grad_out, x, upper=np.inf):
     """Gradient of the loss with respect to the ReLU's input.
 
-    Shapes: grad_out, x [...] C-contiguous, same shape -> grad_x of that shape.
-    Gradient: dL/dx = dL/dy where x > 0, else 0 (torch's choice of 0 for the subgradient at x = 0).
+    Shapes: grad_out, x [...] C-contiguous, same shape -> grad_x of that shape. x may be the ReLU's
+            input or its output: both lie strictly inside (0, upper) at the same places.
+    Gradient: dL/dx = dL/dy where 0 < x < upper, else 0 (torch's choice of 0 at the kinks).
     Parallel: over elements; each writes its own output.
     """
     grad_x = np.empty_like(grad_out)
@@ -34,5 +35,5 @@ def relu_backward_input(grad_out, x):
     flat_x = x.reshape(x.size)
     flat_out = grad_x.reshape(grad_x.size)
     for i in prange(flat_g.size):
-        flat_out[i] = flat_g[i] if flat_x[i] > 0 else 0
+        flat_out[i] = flat_g[i] if 0 < flat_x[i] < upper else 0
     return grad_x

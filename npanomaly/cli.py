@@ -37,10 +37,13 @@ def _evaluate(model, images, labels, masks):
 
 
 def _make_model(name, args):
+    backbone = getattr(args, "backbone", "seed")
+    weights = getattr(args, "weights", None)
     if name == "patchcore":
-        model = npanomaly.PatchCore(in_channels=3, feature_dim=256, seed=args.seed)
+        model = npanomaly.PatchCore(in_channels=3, feature_dim=256, seed=args.seed, backbone=backbone, weights=weights)
     else:
-        model = npanomaly.StudentTeacher(in_channels=3, feature_dim=128, seed=args.seed)
+        model = npanomaly.StudentTeacher(in_channels=3, feature_dim=128, seed=args.seed, backbone=backbone,
+                                         weights=weights)
     model.show_progress = not args.quiet
     return model
 
@@ -89,8 +92,7 @@ def command_demo(args):
 
 
 def command_fit(args):
-    if args.backbone != "seed" or args.weights:
-        raise ValueError("only the seed backbone is available in this version (--backbone seed, no --weights)")
+    model = _make_model(args.model, args)  # first: a bad backbone or weights file fails before any image loads
     dataset = open_dataset(args.data)
     size = (args.size, args.size)
     train = dataset.train_images(size)
@@ -99,7 +101,7 @@ def command_fit(args):
     normal_tests = [item.path for item in dataset.test_items if not item.anomalous]
     if normal_tests:
         held_out = load_images(normal_tests, size)
-    model = _fit(_make_model(args.model, args), train, held_out, args)
+    model = _fit(model, train, held_out, args)
     path = model.save(args.out)
     print(f"saved {type(model).__name__} to {path} (threshold {model.threshold:.6g})")
     return 0
@@ -167,8 +169,10 @@ def build_parser():
     fit = commands.add_parser("fit", parents=[common], help="fit a model on a data set")
     fit.add_argument("data", help="an MVTec AD category folder or a folder with normal/ (and anomalous/, masks/)")
     fit.add_argument("--model", choices=sorted(MODELS), default="patchcore")
-    fit.add_argument("--backbone", default="seed", help="feature extractor (default %(default)s)")
-    fit.add_argument("--weights", help="weights file for a pretrained backbone")
+    fit.add_argument("--backbone", default="seed",
+                     help="seed (random, the default), efficientnet_lite0 (ImageNet weights from npanomaly[pretrained]), "
+                          "resnet18, resnet50 or wide_resnet50_2 (with --weights)")
+    fit.add_argument("--weights", help="torchvision checkpoint (.pth) or .npz of the backbone's weights")
     fit.add_argument("--out", default="model.npz", help="where to save the model (default %(default)s)")
     fit.add_argument("--size", type=int, default=128, help="images are resized to SIZE x SIZE (default %(default)s)")
     fit.add_argument("--seed", type=int, default=0)

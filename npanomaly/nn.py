@@ -217,7 +217,9 @@ class Module:
                 target = np.asarray(getattr(owner, attribute))
             if value.shape != target.shape:
                 raise ValueError(f"state dict entry {name!r} has shape {value.shape}, expected {target.shape}")
-            converted = value.astype(target.dtype)
+            # C order whatever the source's layout: kernels and BLAS see one layout, so results
+            # do not depend on where the weights came from
+            converted = np.array(value, dtype=target.dtype, order="C")
             if name in params:
                 params[name].data = converted
             else:
@@ -241,56 +243,117 @@ class Conv2d(Module):
     _parameter_names = ("weight", "bias")
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
-                 dtype=np.float32, seed=None):
+                 dtype=np.float32, seed=None, groups=1):
         super().__init__()
         self.in_channels = check_positive_int(in_channels, "in_channels")
         self.out_channels = check_positive_int(out_channels, "out_channels")
+        self.groups = check_positive_int(groups, "groups")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
         self.kernel_size = pair(kernel_size, "kernel_size")
         self.stride = stride
         self.padding = padding
         self._stride = pair(stride, "stride")
-        self._padding = pair(padding, "padding")
+        # padding="same": TensorFlow's SAME, computed for each input size; when the total is odd the
+        # extra row/column goes after (bottom/right), which a symmetric padding cannot express.
+        self._same = padding == "same"
+        self._padding = (0, 0) if self._same else pair(padding, "padding")
         for name, values, minimum in (("kernel_size", self.kernel_size, 1), ("stride", self._stride, 1),
                                       ("padding", self._padding, 0)):
             for value in values:
                 check_positive_int(value, name, minimum)
         dtype = check_float_dtype(dtype)
         rng = _generator(seed)
-        fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        fan_in = self.in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
         bound = 1.0 / math.sqrt(fan_in)
-        shape = (self.out_channels, self.in_channels) + self.kernel_size
+        shape = (self.out_channels, self.in_channels // self.groups) + self.kernel_size
         self.weight = Parameter(rng.uniform(-bound, bound, size=shape).astype(dtype))
         self.bias = Parameter(rng.uniform(-bound, bound, size=self.out_channels).astype(dtype)) if bias else None
 
     def _check_input(self, x):
         x = check_batch(x, "x", self.in_channels, self.weight.data.dtype)
         for axis, size, kernel, pad in zip(("height", "width"), x.shape[2:], self.kernel_size, self._padding):
-            if size + 2 * pad < kernel:
+            if size + 2 * pad < kernel and not self._same:
                 raise ValueError(
                     f"x {axis} {size} plus padding 2*{pad} is smaller than the kernel ({kernel}): input shape {x.shape}"
                 )
         return x
 
+    def _same_padding(self, size, kernel, stride):
+        """(before, after) zeros of TensorFlow's SAME: the output has ceil(size / stride) positions."""
+        total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+        return total // 2, total - total // 2
+
     def _forward(self, x):
-        y = kernels.conv2d_forward(x, self.weight.data, None if self.bias is None else self.bias.data,
-                                   *self._stride, *self._padding)
-        self._save(y, x)
+        in_shape = x.shape
+        pads = self._padding
+        if self._same:
+            (top, bottom), (left, right) = (self._same_padding(n, k, s) for n, k, s in
+                                            zip(x.shape[2:], self.kernel_size, self._stride))
+            if top == bottom and left == right:
+                pads = (top, left)
+            else:
+                x = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+                pads = (0, 0)
+        bias = None if self.bias is None else self.bias.data
+        y = self._convolve(x, self.weight.data, bias, pads)
+        self._save(y, x, pads, in_shape)
         return y
 
+    def _depthwise(self):
+        return self.groups == self.in_channels == self.out_channels and self.groups > 1
+
+    def _group_slices(self):
+        c_in, c_out = self.in_channels // self.groups, self.out_channels // self.groups
+        return [(slice(g * c_in, (g + 1) * c_in), slice(g * c_out, (g + 1) * c_out)) for g in range(self.groups)]
+
+    def _convolve(self, x, weight, bias, pads):
+        if self.groups == 1:
+            return kernels.conv2d_forward(x, weight, bias, *self._stride, *pads)
+        if self._depthwise():
+            zeros = np.zeros(self.out_channels, x.dtype) if bias is None else bias
+            return kernels.depthwise_conv2d_forward(x, weight, zeros, *self._stride, *pads)
+        return np.concatenate([kernels.conv2d_forward(np.ascontiguousarray(x[:, gi]), weight[go],
+                                                      None if bias is None else bias[go], *self._stride, *pads)
+                               for gi, go in self._group_slices()], axis=1)
+
     def _backward(self, grad_out, input_grad):
-        (x,) = self._take_saved()
-        self.weight.accumulate(kernels.conv2d_backward_weight(grad_out, x, *self.kernel_size, *self._stride,
-                                                              *self._padding))
+        x, pads, in_shape = self._take_saved()
+        stride, kernel = self._stride, self.kernel_size
+        if self.groups == 1:
+            grad_w = kernels.conv2d_backward_weight(grad_out, x, *kernel, *stride, *pads)
+        elif self._depthwise():
+            grad_w = kernels.depthwise_conv2d_backward_weight(grad_out, x, *kernel, *stride, *pads)
+        else:
+            grad_w = np.concatenate([kernels.conv2d_backward_weight(np.ascontiguousarray(grad_out[:, go]),
+                                                                    np.ascontiguousarray(x[:, gi]), *kernel,
+                                                                    *stride, *pads)
+                                     for gi, go in self._group_slices()])
+        self.weight.accumulate(grad_w)
         if self.bias is not None:
             self.bias.accumulate(kernels.conv2d_backward_bias(grad_out))
         if not input_grad:
             return None
-        return kernels.conv2d_backward_input(grad_out, self.weight.data, x.shape[2], x.shape[3], *self._stride,
-                                             *self._padding)
+        height, width = x.shape[2:]
+        if self.groups == 1:
+            grad_x = kernels.conv2d_backward_input(grad_out, self.weight.data, height, width, *stride, *pads)
+        elif self._depthwise():
+            grad_x = kernels.depthwise_conv2d_backward_input(grad_out, self.weight.data, height, width, *stride, *pads)
+        else:
+            grad_x = np.concatenate([kernels.conv2d_backward_input(np.ascontiguousarray(grad_out[:, go]),
+                                                                   self.weight.data[go], height, width, *stride,
+                                                                   *pads)
+                                     for gi, go in self._group_slices()], axis=1)
+        if grad_x.shape != in_shape:  # undo the explicit asymmetric padding of padding="same"
+            top = (grad_x.shape[2] - in_shape[2]) and self._same_padding(in_shape[2], kernel[0], stride[0])[0]
+            left = (grad_x.shape[3] - in_shape[3]) and self._same_padding(in_shape[3], kernel[1], stride[1])[0]
+            grad_x = np.ascontiguousarray(grad_x[:, :, top:top + in_shape[2], left:left + in_shape[3]])
+        return grad_x
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self._stride}, "
-                f"padding={self._padding}, bias={self.bias is not None}")
+                f"padding={'same' if self._same else self._padding}, groups={self.groups}, "
+                f"bias={self.bias is not None}")
 
 
 class BatchNorm2d(Module):
@@ -354,19 +417,27 @@ class BatchNorm2d(Module):
 class ReLU(Module):
     """max(x, 0), elementwise, as torch.nn.ReLU."""
 
+    upper = np.inf
+
     def _check_input(self, x):
         return check_array(x, "x", 4)
 
     def _forward(self, x):
-        y = kernels.relu_forward(x)
-        # The output is positive exactly where the input is, so keeping y (which the next layer
-        # keeps anyway) costs no extra memory.
+        y = kernels.relu_forward(x, self.upper)
+        # The output lies inside (0, upper) exactly where the input does, so keeping y (which the
+        # next layer keeps anyway) costs no extra memory.
         self._save(y, y)
         return y
 
     def _backward(self, grad_out, input_grad):
         (y,) = self._take_saved()
-        return kernels.relu_backward_input(grad_out, y) if input_grad else None
+        return kernels.relu_backward_input(grad_out, y, self.upper) if input_grad else None
+
+
+class ReLU6(ReLU):
+    """min(max(x, 0), 6), as torch.nn.ReLU6 (MobileNet, EfficientNet-Lite)."""
+
+    upper = 6.0
 
 
 class _Pool2d(Module):
@@ -438,15 +509,27 @@ class AvgPool2d(_Pool2d):
 class Sequential(Module):
     """Layers applied in order; backward runs them in reverse."""
 
-    def __init__(self, *layers):
+    def __init__(self, *layers, names=None):
         super().__init__()
         for index, layer in enumerate(layers):
             if not isinstance(layer, Module):
                 raise TypeError(f"Sequential layer {index} must be an npanomaly.nn.Module, got {type(layer).__name__}")
         self.layers = list(layers)
+        if names is not None and len(names) != len(self.layers):
+            raise ValueError(f"names must name every layer: {len(names)} names for {len(self.layers)} layers")
+        # state-dict names of the layers: "0", "1", ... as torch.nn.Sequential, or given ones so that a
+        # flat list of layers can carry a checkpoint's nested names ("_blocks.3", "layer2.1")
+        self.names = [str(i) for i in range(len(self.layers))] if names is None else [str(n) for n in names]
 
     def named_children(self):
-        return [(str(index), layer) for index, layer in enumerate(self.layers)]
+        return list(zip(self.names, self.layers))
+
+    def index(self, name):
+        """Position of the layer called name."""
+        try:
+            return self.names.index(name)
+        except ValueError:
+            raise ValueError(f"no layer named {name!r}; layers are {self.names}") from None
 
     def __len__(self):
         return len(self.layers)
@@ -498,3 +581,60 @@ class Sequential(Module):
 
     def extra_repr(self):
         return "\n" + "".join(f"  ({i}): {layer!r}\n" for i, layer in enumerate(self.layers))
+
+
+class Residual(Sequential):
+    """A Sequential whose input is added to its output when ``skip`` (EfficientNet's MBConv block).
+
+    Gradient: dL/dx = body's dL/dx + dL/dy through the identity path.
+    """
+
+    def __init__(self, *layers, names=None, skip=True):
+        super().__init__(*layers, names=names)
+        self.skip = bool(skip)
+
+    def _forward(self, x):
+        y = super()._forward(x)
+        return y + x if self.skip else y
+
+    def backward(self, grad_out, input_grad=True):
+        grad = super().backward(grad_out, True)
+        return (grad + grad_out if self.skip else grad) if input_grad else None
+
+
+class ResidualBlock(Module):
+    """relu(body(x) + shortcut(x)), the shortcut an identity or a Sequential (ResNet's BasicBlock/Bottleneck).
+
+    body is a Sequential whose layers carry torchvision's names (conv1, bn1, relu, conv2, ...);
+    the shortcut is named "downsample". Gradient: g = relu'(s) * dL/dy with s the sum, then
+    dL/dx = body's dL/dx(g) + shortcut's dL/dx(g) (or g for the identity).
+    """
+
+    def __init__(self, body, downsample=None):
+        super().__init__()
+        self.body = body
+        self.downsample = downsample
+
+    def named_children(self):
+        children = self.body.named_children()
+        return children + ([("downsample", self.downsample)] if self.downsample is not None else [])
+
+    def _check_input(self, x):
+        return self.body._check_input(x)
+
+    def _forward(self, x):
+        total = self.body._forward(x)
+        total = total + (self.downsample._forward(self.downsample._check_input(x)) if self.downsample else x)
+        y = kernels.relu_forward(total)
+        self._save(y, y)
+        return y
+
+    def _backward(self, grad_out, input_grad):
+        (y,) = self._take_saved()
+        grad = kernels.relu_backward_input(grad_out, y)
+        grad_x = self.body.backward(grad, True)
+        if not input_grad:
+            if self.downsample is not None:
+                self.downsample.backward(grad, False)
+            return None
+        return grad_x + (self.downsample.backward(grad, True) if self.downsample is not None else grad)

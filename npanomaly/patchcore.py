@@ -12,22 +12,16 @@ features (the seed's eval() did nothing, so a test image's score depended on its
 
 import numpy as np
 
-from npanomaly import kernels, nn
+from npanomaly import backbones, kernels
 from npanomaly._progress import Progress
 from npanomaly._validation import check_finite, check_positive_int
 from npanomaly.detector import Detector, register
 from npanomaly.maps import upsample_and_blur
 from npanomaly.search import greedy_coreset, knn
 
-SEED_BLOCKS = ("block1", "block2", "block3")
-
-
-def seed_backbone(in_channels, feature_dim, rng):
-    """The seed's 3-block network: Conv 3x3/stride 2/pad 1 (bias) + BatchNorm2d + ReLU, 64, 128, feature_dim."""
-    layers = []
-    for c_in, c_out in ((in_channels, 64), (64, 128), (128, feature_dim)):
-        layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, seed=rng), nn.BatchNorm2d(c_out), nn.ReLU()]
-    return nn.Sequential(*layers)
+DEFAULT_LAYERS = {"seed": ("block2", "block3"), "efficientnet_lite0": ("stride8", "stride16"),
+                  "resnet18": ("layer2", "layer3"), "resnet50": ("layer2", "layer3"),
+                  "wide_resnet50_2": ("layer2", "layer3")}
 
 
 def adaptive_avg_pool_channels(features, target_dim):
@@ -95,8 +89,15 @@ class PatchCore(Detector):
     Args:
         in_channels, feature_dim, seed: the seed backbone (3 Conv-BN-ReLU blocks of 64, 128 and
             feature_dim channels, stride 2 each) and the seed of its random weights.
-        layers: which blocks' outputs form the patch features ("block1", "block2", "block3");
-            deeper maps are resized bilinearly to the first one's grid and concatenated.
+        backbone: "seed" (above) or a pretrained architecture: "efficientnet_lite0" (ImageNet weights
+            from the npanomaly[pretrained] extra), "resnet18", "resnet50", "wide_resnet50_2" (torchvision
+            checkpoints given as weights=PATH; the paper uses wide_resnet50_2 with layer2 + layer3).
+            Pretrained backbones take RGB images in [0, 1] and normalise them themselves.
+        weights: for a pretrained backbone, a checkpoint path (.pth/.pt from torch.save, or .npz); None
+            finds efficientnet_lite0's installed weights; "random" initialises randomly.
+        layers: which stages' outputs form the patch features (default: "block2"+"block3" for the seed,
+            "stride8"+"stride16" for efficientnet_lite0, "layer2"+"layer3" for the ResNets); deeper
+            maps are resized bilinearly to the shallowest one's grid and concatenated.
         patch_size: neighbourhood averaged around each position (3 = the paper's locally aware
             features; 1 = raw positions, as the seed).
         target_dim: average-pool the concatenated features down to this many dimensions (None: keep all).
@@ -112,16 +113,27 @@ class PatchCore(Detector):
 
     _fitted_attribute = "memory_bank_"
 
-    def __init__(self, in_channels=3, feature_dim=256, seed=0, *, layers=("block2", "block3"), patch_size=3,
-                 target_dim=None, sampler="greedy", projection_dim=128, score="reweighted", num_neighbors=9,
-                 threshold="mean+3std", blur_sigma=4.0, batch_size=8):
+    def __init__(self, in_channels=3, feature_dim=256, seed=0, *, backbone="seed", weights=None, layers=None,
+                 patch_size=3, target_dim=None, sampler="greedy", projection_dim=128, score="reweighted",
+                 num_neighbors=9, threshold="mean+3std", blur_sigma=4.0, batch_size=8):
         super().__init__(in_channels, batch_size)
         self.feature_dim = check_positive_int(feature_dim, "feature_dim")
         self.seed = check_positive_int(seed, "seed", minimum=0)
-        layers = tuple(layers)
-        if not layers or any(layer not in SEED_BLOCKS for layer in layers) or len(set(layers)) != len(layers):
-            raise ValueError(f"layers must be distinct names from {SEED_BLOCKS}, got {layers}")
-        self.layers = tuple(sorted(layers, key=SEED_BLOCKS.index))
+        if backbone not in DEFAULT_LAYERS:
+            raise ValueError(f"backbone must be one of {tuple(DEFAULT_LAYERS)}, got {backbone!r}")
+        if backbone != "seed" and self.in_channels != 3:
+            raise ValueError(f"pretrained backbones take RGB images: in_channels must be 3, got {in_channels}")
+        self.backbone_name = backbone
+        layers = DEFAULT_LAYERS[backbone] if layers is None else tuple(layers)
+        if backbone == "seed":
+            extractor = backbones.seed_backbone(self.in_channels, (64, 128, self.feature_dim),
+                                                np.random.default_rng(self.seed))
+        else:
+            extractor = backbones.build(backbone, weights, seed=self.seed, upto=backbones.deepest(backbone, layers))
+        if not layers or len(set(layers)) != len(layers) or any(layer not in extractor.stages for layer in layers):
+            raise ValueError(f"layers must be distinct names from {tuple(extractor.stages)}, got {layers}")
+        self.feature_extractor = extractor
+        self.layers = tuple(sorted(layers, key=lambda stage: extractor.stages[stage][0]))
         self.patch_size = check_positive_int(patch_size, "patch_size")
         if self.patch_size % 2 == 0:
             raise ValueError(f"patch_size must be odd (a centred neighbourhood), got {patch_size}")
@@ -138,8 +150,7 @@ class PatchCore(Detector):
         self.blur_sigma = float(blur_sigma)
         if not self.blur_sigma >= 0.0:
             raise ValueError(f"blur_sigma must be >= 0, got {blur_sigma}")
-        self.backbone = seed_backbone(self.in_channels, self.feature_dim, np.random.default_rng(self.seed))
-        self.backbone.eval().requires_grad_(False)
+        extractor.net.eval().requires_grad_(False)
         self.memory_bank_ = None
 
     @classmethod
@@ -156,6 +167,11 @@ class PatchCore(Detector):
         return cls(in_channels, feature_dim, seed, **config)
 
     @property
+    def backbone(self):
+        """The frozen feature network, an nn.Sequential (layers named as in its checkpoint)."""
+        return self.feature_extractor.net
+
+    @property
     def memory_bank(self):
         """The memory bank [M, D] float32 (None before fit)."""
         return self.memory_bank_
@@ -163,8 +179,7 @@ class PatchCore(Detector):
     # ----------------------------------------------------------------- features
     def _patch_features(self, batch):
         """[B, C, H, W] -> ([B, h, w, D] float32 patch features)."""
-        taps = [3 * SEED_BLOCKS.index(layer) + 2 for layer in self.layers]  # index of each block's ReLU
-        maps = self.backbone.intermediate(batch, taps)
+        maps = self.feature_extractor.features(batch, self.layers)
         if self.patch_size > 1:
             pad = self.patch_size // 2
             maps = [kernels.avg_pool2d_forward(m, self.patch_size, self.patch_size, 1, 1, pad, pad, True)
@@ -206,8 +221,7 @@ class PatchCore(Detector):
     @property
     def feature_size(self):
         """Dimension D of a patch feature (and of the memory bank's rows)."""
-        return self.target_dim or sum({"block1": 64, "block2": 128, "block3": self.feature_dim}[layer]
-                                      for layer in self.layers)
+        return self.target_dim or sum(self.feature_extractor.channels(layer) for layer in self.layers)
 
     # ----------------------------------------------------------------- scoring
     def _score_and_map(self, batch, want_maps):
@@ -227,6 +241,7 @@ class PatchCore(Detector):
     # ----------------------------------------------------------------- persistence
     def _config(self):
         return dict(in_channels=self.in_channels, feature_dim=self.feature_dim, seed=self.seed,
+                    backbone=self.backbone_name, weights=None if self.backbone_name == "seed" else "random",
                     layers=list(self.layers), patch_size=self.patch_size, target_dim=self.target_dim,
                     sampler=self.sampler, projection_dim=self.projection_dim, score=self.score,
                     num_neighbors=self.num_neighbors, threshold=self.threshold_rule, blur_sigma=self.blur_sigma,

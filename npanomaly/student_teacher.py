@@ -19,20 +19,20 @@ import time
 
 import numpy as np
 
-from npanomaly import kernels, nn, optim
+from npanomaly import backbones, kernels, nn, optim
 from npanomaly._validation import check_finite, check_nonnegative_float, check_positive_int
 from npanomaly.detector import Detector, register
 from npanomaly.maps import upsample_and_blur
 
 NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize's default
-STAGE_OUTPUTS = (2, 5)  # the ReLU after each Conv-BN-ReLU stage of the two-stage nets
+DEFAULT_STAGES = {"seed": ("block1", "block2"), "efficientnet_lite0": ("stride4", "stride8", "stride16"),
+                  "resnet18": ("layer1", "layer2", "layer3"), "resnet50": ("layer1", "layer2", "layer3"),
+                  "wide_resnet50_2": ("layer1", "layer2", "layer3")}
 
 
 def two_stage_net(in_channels, hidden, feature_dim, rng):
-    """Conv(in, hidden)+BN+ReLU+Conv(hidden, feature_dim)+BN+ReLU, 3x3/stride 2/pad 1 with bias."""
-    return nn.Sequential(nn.Conv2d(in_channels, hidden, 3, stride=2, padding=1, seed=rng), nn.BatchNorm2d(hidden),
-                         nn.ReLU(), nn.Conv2d(hidden, feature_dim, 3, stride=2, padding=1, seed=rng),
-                         nn.BatchNorm2d(feature_dim), nn.ReLU())
+    """The seed nets: Conv(in, hidden)+BN+ReLU+Conv(hidden, feature_dim)+BN+ReLU, 3x3/stride 2/pad 1 with bias."""
+    return backbones.seed_backbone(in_channels, (hidden, feature_dim), rng)
 
 
 @register
@@ -41,22 +41,53 @@ class StudentTeacher(Detector):
 
     Args:
         in_channels, feature_dim, seed: the seed nets and the seed of their random weights.
-        multiscale: STFPM-style multi-stage normalised losses and maps (student = teacher's shape).
+        backbone: "seed" (the seed's two nets) or a pretrained teacher: "efficientnet_lite0" (weights
+            from the npanomaly[pretrained] extra), "resnet18", "resnet50", "wide_resnet50_2"
+            (weights=PATH). With a pretrained teacher the student has the teacher's architecture from
+            a random start, the images are ImageNet-normalised, and training is STFPM's (multiscale).
+        weights: the teacher's checkpoint (see PatchCore); "random" for a random teacher.
+        multiscale: STFPM-style multi-stage normalised losses and maps (student = teacher's shape);
+            default False for the seed nets, always True for a pretrained teacher.
+        stages: the stages compared when multiscale (default: both seed stages; stride4/8/16 of
+            efficientnet_lite0; layer1-3 of the ResNets, as STFPM).
         blur_sigma: Gaussian blur of the anomaly maps in pixels (0 = none, the default).
         batch_size: images per forward pass when scoring.
     """
 
     _fitted_attribute = "threshold_"
 
-    def __init__(self, in_channels=3, feature_dim=128, seed=0, *, multiscale=False, blur_sigma=0.0, batch_size=8):
+    def __init__(self, in_channels=3, feature_dim=128, seed=0, *, backbone="seed", weights=None, multiscale=None,
+                 stages=None, blur_sigma=0.0, batch_size=8):
         super().__init__(in_channels, batch_size)
         self.feature_dim = check_positive_int(feature_dim, "feature_dim")
         self.seed = check_positive_int(seed, "seed", minimum=0)
-        self.multiscale = bool(multiscale)
+        if backbone not in DEFAULT_STAGES:
+            raise ValueError(f"backbone must be one of {tuple(DEFAULT_STAGES)}, got {backbone!r}")
+        if backbone != "seed" and self.in_channels != 3:
+            raise ValueError(f"pretrained teachers take RGB images: in_channels must be 3, got {in_channels}")
+        if backbone != "seed" and multiscale is False:
+            raise ValueError("a pretrained teacher is compared at several stages: multiscale must be True")
+        self.backbone_name = backbone
+        self.multiscale = bool(multiscale) or backbone != "seed"
         self.blur_sigma = check_nonnegative_float(blur_sigma, "blur_sigma")
         rng = np.random.default_rng(self.seed)
-        self.teacher = two_stage_net(self.in_channels, 64, self.feature_dim, rng)
-        self.student = two_stage_net(self.in_channels, 64 if self.multiscale else 32, self.feature_dim, rng)
+        if backbone == "seed":
+            self._teacher = two_stage_net(self.in_channels, 64, self.feature_dim, rng)
+            self._student = two_stage_net(self.in_channels, 64 if self.multiscale else 32, self.feature_dim, rng)
+            default = DEFAULT_STAGES["seed"] if self.multiscale else ("block2",)
+        else:
+            default = DEFAULT_STAGES[backbone]
+        self.stages = tuple(default if stages is None else stages)
+        if backbone != "seed":
+            upto = backbones.deepest(backbone, self.stages)
+            self._teacher = backbones.build(backbone, weights, seed=self.seed, upto=upto)
+            self._student = backbones.build(backbone, "random", seed=self.seed + 1, upto=upto)
+        unknown = [stage for stage in self.stages if stage not in self._teacher.stages]
+        if unknown or not self.stages or len(set(self.stages)) != len(self.stages):
+            raise ValueError(f"stages must be distinct names from {tuple(self._teacher.stages)}, got {self.stages}")
+        self.stages = tuple(sorted(self.stages, key=lambda stage: self._teacher.stages[stage][0]))
+        self.teacher = self._teacher.net
+        self.student = self._student.net
         self.teacher.eval().requires_grad_(False)
         self.loss_history_ = []
         self.val_loss_history_ = []
@@ -85,18 +116,19 @@ class StudentTeacher(Detector):
 
     # ----------------------------------------------------------------- features and loss
     def _features(self, net, images):
-        taps = STAGE_OUTPUTS if self.multiscale else STAGE_OUTPUTS[-1:]
-        return net.intermediate(images, taps)
+        extractor = self._teacher if net is self.teacher else self._student
+        return extractor.features(images, self.stages)
 
     def _loss_and_grads(self, teacher_maps, student_maps):
         """(loss, {student layer index: dL/d(output)}) for one batch."""
         grads = {}
+        indices = self._student.indices(self.stages)
         if not self.multiscale:
             diff = student_maps[0] - teacher_maps[0]
-            grads[STAGE_OUTPUTS[-1]] = diff * np.float32(2.0 / diff.size)
+            grads[indices[0]] = diff * np.float32(2.0 / diff.size)
             return float(np.mean(np.square(diff, dtype=np.float64))), grads
         loss = 0.0
-        for index, t, s in zip(STAGE_OUTPUTS, teacher_maps, student_maps):
+        for index, t, s in zip(indices, teacher_maps, student_maps):
             t_unit, _ = kernels.l2_normalize_channels_forward(t, NORMALIZE_EPS)
             s_unit, s_norm = kernels.l2_normalize_channels_forward(s, NORMALIZE_EPS)
             diff = s_unit - t_unit
@@ -191,8 +223,8 @@ class StudentTeacher(Detector):
         The teacher's weights are untouched; a teacher that has seen data keeps its statistics.
         """
         norms = [layer for layer in self.teacher.layers if isinstance(layer, nn.BatchNorm2d)]
-        if any(layer.num_batches_tracked > 0 for layer in norms):
-            return
+        if self.backbone_name != "seed" or any(layer.num_batches_tracked > 0 for layer in norms):
+            return  # a pretrained teacher keeps the statistics it was trained with
         momenta = [layer.momentum for layer in norms]
         for layer in norms:
             layer.momentum = None
@@ -236,7 +268,9 @@ class StudentTeacher(Detector):
     # ----------------------------------------------------------------- persistence
     def _config(self):
         return dict(in_channels=self.in_channels, feature_dim=self.feature_dim, seed=self.seed,
-                    multiscale=self.multiscale, blur_sigma=self.blur_sigma, batch_size=self.batch_size)
+                    backbone=self.backbone_name, weights=None if self.backbone_name == "seed" else "random",
+                    multiscale=self.multiscale, stages=list(self.stages), blur_sigma=self.blur_sigma,
+                    batch_size=self.batch_size)
 
     def _arrays(self):
         arrays = {f"teacher/{k}": v for k, v in self.teacher.state_dict().items()}

@@ -62,7 +62,7 @@ def test_errors_are_one_line_and_a_non_zero_exit(tmp_path, capsys):
     assert main(["fit", str(tmp_path)]) == 1
     assert "neither the MVTec AD layout" in capsys.readouterr().err
     assert main(["fit", str(tmp_path), "--backbone", "resnet18"]) == 1
-    assert "only the seed backbone" in capsys.readouterr().err
+    assert "resnet18 needs weights=PATH" in capsys.readouterr().err
 
 
 def test_python_dash_m_runs_the_same_command():

