@@ -16,7 +16,8 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
+
+from _common import median_time, use_threads
 
 
 def parse_args():
@@ -29,11 +30,9 @@ def parse_args():
 
 
 ARGS = parse_args()
-for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-    os.environ[variable] = str(ARGS.threads)
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # what `import npanomaly` before numpy sets (README, "Speed")
+use_threads(ARGS.threads)
 
-import numpy as np  # noqa: E402  (after the thread variables, which BLAS reads at load time)
+import numpy as np  # noqa: E402  (after use_threads: BLAS reads its thread variables at load time)
 
 COMPILE_SCRIPT = textwrap.dedent("""
     import time
@@ -63,15 +62,6 @@ def compile_times():
             results.append(tuple(float(v) for v in out))
     return results
 
-
-def median_time(function, repeats):
-    function()  # warm-up: compilation, caches, allocator
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def main():

@@ -21,6 +21,8 @@ import subprocess
 import sys
 import time
 
+from _common import median_time, use_threads
+
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -33,20 +35,10 @@ def parse_args():
 
 
 ARGS = parse_args()
-for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-    os.environ[variable] = str(ARGS.threads)
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # what `import npanomaly` before numpy sets
+use_threads(ARGS.threads)
 
-import numpy as np  # noqa: E402
+import numpy as np  # noqa: E402  (after use_threads: BLAS reads its thread variables at load time)
 
-
-def median_time(function, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def scaling_child(n_images):

@@ -10,8 +10,8 @@ Medians over --repeats runs after a warm-up; ratio = npanomaly / torch (below 1:
 """
 
 import argparse
-import os
-import time
+
+from _common import median_time, use_threads
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--threads", type=int, default=2)
@@ -19,21 +19,10 @@ parser.add_argument("--repeats", type=int, default=5)
 parser.add_argument("--batch", type=int, default=8)
 parser.add_argument("--size", type=int, default=256)
 ARGS = parser.parse_args()
-for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-    os.environ[variable] = str(ARGS.threads)
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # what `import npanomaly` before numpy sets
+use_threads(ARGS.threads)
 
-import numpy as np  # noqa: E402
+import numpy as np  # noqa: E402  (after use_threads: BLAS reads its thread variables at load time)
 
-
-def median_time(function, repeats):
-    function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def torch_twin(net, torch):

@@ -84,20 +84,19 @@ def test_interlaced_files_are_refused_clearly():
 
 
 def test_oversized_header_fails_before_allocating():
-    payload = struct.pack(">IIBBBBB", 100000, 100000, 16, 6, 0, 0, 0)
-    data = (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + payload
-            + struct.pack(">I", zlib.crc32(b"IHDR" + payload)))
+    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 100000, 100000, 16, 6, 0, 0, 0))
     with pytest.raises(ValueError, match="more than max_pixels"):
         decode_png(data)
+
+
+def chunk(kind, payload):
+    """One PNG chunk with a correct CRC."""
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
 
 def test_decompression_bomb_is_cut_off():
     bomb = zlib.compress(b"\x00" * (10 * 1024 * 1024))  # 10 MiB of zeros for a 4x4 image
     header = struct.pack(">IIBBBBB", 4, 4, 8, 0, 0, 0, 0)
-
-    def chunk(kind, payload):
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
     with pytest.raises(ValueError, match="too much"):
         decode_png(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", bomb) + chunk(b"IEND", b""))
 
@@ -131,11 +130,8 @@ def test_random_bytes_raise_value_error(junk):
 
 
 def test_zero_size_and_non_bytes():
-    payload = struct.pack(">IIBBBBB", 0, 5, 8, 0, 0, 0, 0)
-    data = (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + payload
-            + struct.pack(">I", zlib.crc32(b"IHDR" + payload)))
     with pytest.raises(ValueError, match="zero size"):
-        decode_png(data)
+        decode_png(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 0, 5, 8, 0, 0, 0, 0)))
     with pytest.raises(ValueError, match="bad signature"):
         decode_png(b"")
     with pytest.raises(TypeError, match="bytes"):

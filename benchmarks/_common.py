@@ -1,0 +1,28 @@
+"""What every benchmark script shares: one thread count for everyone, and medians of repeated runs.
+
+``use_threads`` must run before NumPy is imported: BLAS libraries read their thread variables once,
+when they load.
+"""
+
+import os
+import statistics
+import time
+
+
+def use_threads(threads):
+    """Give NumPy's BLAS, Numba, OpenMP (torch, faiss) and MKL the same number of threads."""
+    for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ[variable] = str(threads)
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # what `import npanomaly` before NumPy sets
+
+
+def median_time(function, repeats, warm_up=True):
+    """Median wall time of function() over repeats runs, after one untimed run (compilation, caches)."""
+    if warm_up:
+        function()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)

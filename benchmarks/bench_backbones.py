@@ -1,0 +1,78 @@
+"""Feature extraction of the pretrained architectures against the same networks in torch, one process.
+
+    python benchmarks/bench_backbones.py [--threads 2] [--repeats 5] [--batch 8] [--size 224]
+
+EfficientNet-Lite0 (up to its stride-16 stage and whole, as PatchCore and a classifier use it) and
+ResNet-18 (up to layer3 and whole) on a batch of 8 RGB 224x224 images, eval mode, random weights
+(speed does not depend on them): npanomaly vs torch (the same architecture written in torch with
+the checkpoint's names, tests/torch_backbones.py). Ratio = npanomaly / torch, medians after a warm-up.
+"""
+
+import argparse
+import os
+import sys
+
+from _common import median_time, use_threads
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--threads", type=int, default=2)
+parser.add_argument("--repeats", type=int, default=5)
+parser.add_argument("--batch", type=int, default=8)
+parser.add_argument("--size", type=int, default=224)
+ARGS = parser.parse_args()
+use_threads(ARGS.threads)
+
+import numpy as np  # noqa: E402  (after use_threads: BLAS reads its thread variables at load time)
+
+
+
+def main():
+    import numba
+    import torch
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    import torch_backbones as tb
+
+    from npanomaly import backbones
+
+    numba.set_num_threads(ARGS.threads)
+    torch.set_num_threads(ARGS.threads)
+    images = np.random.default_rng(0).random((ARGS.batch, 3, ARGS.size, ARGS.size), dtype=np.float32)
+    print(f"threads={ARGS.threads} batch={ARGS.batch}x3x{ARGS.size}x{ARGS.size} torch={torch.__version__}")
+    cases = (("efficientnet_lite0", tb.Lite0(), ("stride16", "head")), ("resnet18", tb.ResNet(False, (2, 2, 2, 2)),
+                                                                         ("layer3", "layer4")))
+    for name, twin, stages in cases:
+        tb.randomise(twin, seed=0)
+        ours = backbones.build(name, twin.state_dict())
+        ours.net.eval()
+        prepared = torch.from_numpy(ours.prepare(images))
+        for stage in stages:
+            def torch_run():
+                with torch.no_grad():
+                    truncated_forward(twin, prepared, name, stage)
+
+            t_ours = median_time(lambda: ours.features(images, [stage]), ARGS.repeats)
+            t_torch = median_time(torch_run, ARGS.repeats)
+            print(f"{name:<19} up to {stage:<9} npanomaly {t_ours * 1e3:8.1f} ms  torch {t_torch * 1e3:8.1f} ms  "
+                  f"ratio {t_ours / t_torch:.2f}x", flush=True)
+
+
+def truncated_forward(twin, x, name, stage):
+    import torch.nn.functional as F
+
+    if name == "resnet18":
+        x = F.max_pool2d(F.relu(twin.bn1(twin.conv1(x))), 3, 2, 1)
+        for i in range(1, int(stage[-1]) + 1):
+            x = getattr(twin, f"layer{i}")(x)
+        return x
+    x = F.relu6(twin._bn0(twin._conv_stem(x)))
+    last = twin.taps[4] if stage == "stride16" else len(twin._blocks) - 1
+    for block in twin._blocks[: last + 1]:
+        x = block(x)
+    if stage == "head":
+        x = F.relu6(twin._bn1(twin._conv_head(x)))
+    return x
+
+
+if __name__ == "__main__":
+    main()
