@@ -222,6 +222,15 @@ STAGE_ORDER = {"efficientnet_lite0": ("stride4", "stride8", "stride16", "stride3
                **{name: ("layer1", "layer2", "layer3", "layer4") for name in RESNETS}}
 
 
+def check_backbone(name, in_channels):
+    """'seed' or a pretrained architecture; the pretrained ones need RGB input. Returns name."""
+    if name != "seed" and name not in PRETRAINED:
+        raise ValueError(f"backbone must be one of {('seed',) + PRETRAINED}, got {name!r}")
+    if name != "seed" and in_channels != 3:
+        raise ValueError(f"pretrained backbones take RGB images: in_channels must be 3, got {in_channels}")
+    return name
+
+
 def deepest(name, stages):
     """The deepest of the named stages of a pretrained architecture (what needs to be built)."""
     order = STAGE_ORDER[name]

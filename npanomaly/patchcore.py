@@ -119,11 +119,7 @@ class PatchCore(Detector):
         super().__init__(in_channels, batch_size)
         self.feature_dim = check_positive_int(feature_dim, "feature_dim")
         self.seed = check_positive_int(seed, "seed", minimum=0)
-        if backbone not in DEFAULT_LAYERS:
-            raise ValueError(f"backbone must be one of {tuple(DEFAULT_LAYERS)}, got {backbone!r}")
-        if backbone != "seed" and self.in_channels != 3:
-            raise ValueError(f"pretrained backbones take RGB images: in_channels must be 3, got {in_channels}")
-        self.backbone_name = backbone
+        self.backbone_name = backbones.check_backbone(backbone, self.in_channels)
         layers = DEFAULT_LAYERS[backbone] if layers is None else tuple(layers)
         if backbone == "seed":
             extractor = backbones.seed_backbone(self.in_channels, (64, 128, self.feature_dim),

@@ -61,13 +61,9 @@ class StudentTeacher(Detector):
         super().__init__(in_channels, batch_size)
         self.feature_dim = check_positive_int(feature_dim, "feature_dim")
         self.seed = check_positive_int(seed, "seed", minimum=0)
-        if backbone not in DEFAULT_STAGES:
-            raise ValueError(f"backbone must be one of {tuple(DEFAULT_STAGES)}, got {backbone!r}")
-        if backbone != "seed" and self.in_channels != 3:
-            raise ValueError(f"pretrained teachers take RGB images: in_channels must be 3, got {in_channels}")
+        self.backbone_name = backbones.check_backbone(backbone, self.in_channels)
         if backbone != "seed" and multiscale is False:
             raise ValueError("a pretrained teacher is compared at several stages: multiscale must be True")
-        self.backbone_name = backbone
         self.multiscale = bool(multiscale) or backbone != "seed"
         self.blur_sigma = check_nonnegative_float(blur_sigma, "blur_sigma")
         rng = np.random.default_rng(self.seed)
