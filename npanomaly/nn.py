@@ -234,10 +234,13 @@ class Module:
 
 
 class Conv2d(Module):
-    """2-D convolution, as torch.nn.Conv2d (groups=1, dilation=1, zero padding).
+    """2-D convolution, as torch.nn.Conv2d (dilation 1, zero padding).
 
-    weight [out_channels, in_channels, kh, kw] and bias [out_channels] are initialised as torch does:
-    uniform in +-1/sqrt(fan_in) (kaiming_uniform with a=sqrt(5), and the same bound for the bias).
+    weight [out_channels, in_channels // groups, kh, kw] and bias [out_channels] are initialised as
+    torch does: uniform in +-1/sqrt(fan_in) (kaiming_uniform with a=sqrt(5), the same bound for the
+    bias). groups = in_channels = out_channels runs the depthwise kernels; other groups run the
+    dense kernels group by group. padding="same" is TensorFlow's SAME, computed for each input size
+    (EfficientNet's checkpoints were trained with it).
     """
 
     _parameter_names = ("weight", "bias")
