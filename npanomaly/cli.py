@@ -26,7 +26,7 @@ def _say(args, message):
 def _evaluate(model, images, labels, masks):
     """Scores, maps and the metrics table of a fitted model on a labelled test set."""
     start = time.perf_counter()
-    scores, maps = model._stream(images, want_maps=True)
+    scores, maps = model.scores_and_maps(images)
     predict_s = time.perf_counter() - start
     table = {"image AUROC": metrics.auroc(scores, labels)}
     if masks is not None and masks.any():

@@ -104,6 +104,10 @@ class Detector:
         """Per-pixel anomaly maps at input resolution, float32 [N, H, W] (higher = more anomalous)."""
         return self._stream(images, want_maps=True)[1]
 
+    def scores_and_maps(self, images):
+        """(score_samples(images), anomaly_map(images)) from one pass over the images."""
+        return self._stream(images, want_maps=True)
+
     def decision_function(self, images):
         """score_samples(images) - threshold: positive means anomalous."""
         return self.score_samples(images) - self.threshold_
