@@ -102,7 +102,7 @@ def greedy_coreset(features, n_select, projection_dim=128, start=0, seed=0, prog
         progress: show a progress bar on stderr.
 
     Returns:
-        int64 [n_select] row indices in selection order. Memory: one float64 per row.
+        int64 [n_select] row indices in selection order. Memory: a float64 and an int64 per row.
     """
     features = _check_matrix(features, "features")
     n = features.shape[0]
@@ -119,11 +119,12 @@ def greedy_coreset(features, n_select, projection_dim=128, start=0, seed=0, prog
             matrix = rng.standard_normal((features.shape[1], projection_dim)) / np.sqrt(projection_dim)
             features = features @ matrix.astype(features.dtype)
     min_dist = np.full(n, np.inf)
+    nearest = np.zeros(n, dtype=np.int64)
     selected = np.empty(n_select, dtype=np.int64)
     selected[0] = start
     with Progress(n_select - 1, "coreset", progress) as bar:
         for step in range(1, n_select):
-            kernels.update_min_distances(features, selected[step - 1], min_dist)
+            kernels.update_min_distances(features, selected, step, min_dist, nearest)
             min_dist[selected[step - 1]] = -1.0
             selected[step] = np.argmax(min_dist)  # the first maximum: ties go to the lowest index
             bar.update()
