@@ -16,6 +16,8 @@ PARALLEL_JIT_OPTIONS = dict(JIT_OPTIONS, parallel=True)
 # precision, but lets it vectorise the loop and break the add-latency chain: ~4x faster sums.
 # Only reassociation is allowed: no NaN/inf assumptions, no approximate functions.
 REDUCTION_JIT_OPTIONS = dict(PARALLEL_JIT_OPTIONS, fastmath={"reassoc"})
+# the same for serial helpers called from inside parallel kernels
+SERIAL_REDUCTION_JIT_OPTIONS = dict(JIT_OPTIONS, fastmath={"reassoc"})
 
 # Convolution lowers each image to a column matrix [C*kh*kw, Ho*Wo] and multiplies it with BLAS.
 # Images are processed in chunks whose column matrices together stay under this many bytes, so the

@@ -3,14 +3,14 @@
 import numpy as np
 from numba import njit, prange
 
-from ._config import REDUCTION_JIT_OPTIONS
+from ._config import REDUCTION_JIT_OPTIONS, SERIAL_REDUCTION_JIT_OPTIONS
 
 # Relative slack on the pruning test below, far above the float64 rounding of the distances
 # involved, so rounding can never prune a point the exact arithmetic would update.
 PRUNE_SLACK = 1e-9
 
 
-@njit(**REDUCTION_JIT_OPTIONS)
+@njit(**SERIAL_REDUCTION_JIT_OPTIONS)
 def _squared_distance(features, i, j):
     total = 0.0
     for d in range(features.shape[1]):
