@@ -26,6 +26,7 @@ from .depthwise import (
     depthwise_conv2d_forward,
 )
 from .distance import (
+    block_dots,
     dot_error_bound,
     exact_scan,
     merge_block_candidates,
@@ -43,14 +44,32 @@ from .pooling import (
 from .reduce import all_finite
 from .resize import bilinear_resize, gaussian_blur, gaussian_kernel1d
 
+
+
+def for_device(device):
+    """The kernel table for "cpu" (this package) or "cuda" (npanomaly.kernels.cuda, same names)."""
+    if device == "cpu":
+        import sys
+
+        return sys.modules[__name__]
+    if device == "cuda":
+        from . import cuda
+
+        cuda.require()
+        return cuda
+    raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+
+
 __all__ = [
     "all_finite",
     "bilinear_resize",
+    "block_dots",
     "depthwise_conv2d_backward_input",
     "depthwise_conv2d_backward_weight",
     "depthwise_conv2d_forward",
     "dot_error_bound",
     "exact_scan",
+    "for_device",
     "gaussian_blur",
     "gaussian_kernel1d",
     "l2_normalize_channels_backward",

@@ -32,3 +32,8 @@ KNN_BANK_BLOCK = 2048
 # Each query keeps this many screening candidates beyond k for the exact float64 refinement; a
 # query whose list might have missed a neighbour falls back to an exhaustive float64 scan.
 KNN_EXTRA_CANDIDATES = 8
+
+# CUDA twins: threads per block of the 1-D launches and the side of the square tiles of block_dots
+# (at most 32). The simulator tests shrink both so that tiny inputs still span several blocks.
+CUDA_THREADS_PER_BLOCK = 128
+CUDA_TILE = 16

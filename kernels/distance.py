@@ -19,6 +19,14 @@ from numba import njit, prange
 from ._config import JIT_OPTIONS, PARALLEL_JIT_OPTIONS, REDUCTION_JIT_OPTIONS
 
 
+def block_dots(queries, bank, out):
+    """The screening product of one block: out[...] = queries @ bank.T through BLAS.
+
+    Shapes: queries [Qb, D], bank [Mb, D] -> out [Qb, Mb] (written in place and returned).
+    """
+    return np.matmul(queries, bank.T, out=out)
+
+
 @njit(**REDUCTION_JIT_OPTIONS)
 def squared_norms(x):
     """Row-wise squared Euclidean norms, accumulated in float64.

@@ -168,8 +168,11 @@ class Detector:
         return path
 
     @classmethod
-    def load(cls, path):
-        """Read a model written by save(); a foreign, damaged or mismatched file raises ValueError."""
+    def load(cls, path, device=None):
+        """Read a model written by save(); a foreign, damaged or mismatched file raises ValueError.
+
+        device: run the loaded model on "cpu" or "cuda" (default: the device it was saved with).
+        """
         arrays = read_model_file(path)
         kind = str(arrays["model"])
         if cls is not Detector and kind != cls.__name__:
@@ -178,7 +181,10 @@ class Detector:
         if model_cls is None:
             raise ValueError(f"{path} holds an unknown model type {kind!r}")
         try:
-            model = model_cls(**json.loads(str(arrays["config"])))
+            config = json.loads(str(arrays["config"]))
+            if device is not None:
+                config["device"] = device
+            model = model_cls(**config)
             model._restore(arrays)
             model.threshold_ = float(arrays["threshold"])
             model.image_size_ = tuple(int(v) for v in arrays["image_size"])
@@ -204,6 +210,6 @@ def read_model_file(path):
     return arrays
 
 
-def load(path):
-    """Load any saved npanomaly model (PatchCore or StudentTeacher)."""
-    return Detector.load(path)
+def load(path, device=None):
+    """Load any saved npanomaly model (PatchCore or StudentTeacher), optionally onto another device."""
+    return Detector.load(path, device)

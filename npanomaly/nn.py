@@ -74,6 +74,7 @@ class Module:
 
     _parameter_names = ()
     _buffer_names = ()
+    kernels = kernels  # the kernel table (CPU); to_device("cuda") swaps in the numba.cuda twins
 
     def __init__(self):
         self.training = True
@@ -160,6 +161,14 @@ class Module:
     def eval(self):
         """Evaluation mode: running statistics, nothing kept for backward."""
         return self.train(False)
+
+    def to_device(self, device):
+        """Run this module and its children on "cpu" or "cuda" kernels (one table, chosen here once)."""
+        table = kernels.for_device(device)
+        self.kernels = table
+        for _, child in self.named_children():
+            child.to_device(device)
+        return self
 
     def requires_grad_(self, requires_grad=True):
         """Freeze (False) or unfreeze every parameter."""
@@ -312,11 +321,11 @@ class Conv2d(Module):
 
     def _convolve(self, x, weight, bias, pads):
         if self.groups == 1:
-            return kernels.conv2d_forward(x, weight, bias, *self._stride, *pads)
+            return self.kernels.conv2d_forward(x, weight, bias, *self._stride, *pads)
         if self._depthwise():
             zeros = np.zeros(self.out_channels, x.dtype) if bias is None else bias
-            return kernels.depthwise_conv2d_forward(x, weight, zeros, *self._stride, *pads)
-        return np.concatenate([kernels.conv2d_forward(np.ascontiguousarray(x[:, gi]), weight[go],
+            return self.kernels.depthwise_conv2d_forward(x, weight, zeros, *self._stride, *pads)
+        return np.concatenate([self.kernels.conv2d_forward(np.ascontiguousarray(x[:, gi]), weight[go],
                                                       None if bias is None else bias[go], *self._stride, *pads)
                                for gi, go in self._group_slices()], axis=1)
 
@@ -324,26 +333,26 @@ class Conv2d(Module):
         x, pads, in_shape = self._take_saved()
         stride, kernel = self._stride, self.kernel_size
         if self.groups == 1:
-            grad_w = kernels.conv2d_backward_weight(grad_out, x, *kernel, *stride, *pads)
+            grad_w = self.kernels.conv2d_backward_weight(grad_out, x, *kernel, *stride, *pads)
         elif self._depthwise():
-            grad_w = kernels.depthwise_conv2d_backward_weight(grad_out, x, *kernel, *stride, *pads)
+            grad_w = self.kernels.depthwise_conv2d_backward_weight(grad_out, x, *kernel, *stride, *pads)
         else:
-            grad_w = np.concatenate([kernels.conv2d_backward_weight(np.ascontiguousarray(grad_out[:, go]),
+            grad_w = np.concatenate([self.kernels.conv2d_backward_weight(np.ascontiguousarray(grad_out[:, go]),
                                                                     np.ascontiguousarray(x[:, gi]), *kernel,
                                                                     *stride, *pads)
                                      for gi, go in self._group_slices()])
         self.weight.accumulate(grad_w)
         if self.bias is not None:
-            self.bias.accumulate(kernels.conv2d_backward_bias(grad_out))
+            self.bias.accumulate(self.kernels.conv2d_backward_bias(grad_out))
         if not input_grad:
             return None
         height, width = x.shape[2:]
         if self.groups == 1:
-            grad_x = kernels.conv2d_backward_input(grad_out, self.weight.data, height, width, *stride, *pads)
+            grad_x = self.kernels.conv2d_backward_input(grad_out, self.weight.data, height, width, *stride, *pads)
         elif self._depthwise():
-            grad_x = kernels.depthwise_conv2d_backward_input(grad_out, self.weight.data, height, width, *stride, *pads)
+            grad_x = self.kernels.depthwise_conv2d_backward_input(grad_out, self.weight.data, height, width, *stride, *pads)
         else:
-            grad_x = np.concatenate([kernels.conv2d_backward_input(np.ascontiguousarray(grad_out[:, go]),
+            grad_x = np.concatenate([self.kernels.conv2d_backward_input(np.ascontiguousarray(grad_out[:, go]),
                                                                    self.weight.data[go], height, width, *stride,
                                                                    *pads)
                                      for gi, go in self._group_slices()], axis=1)
@@ -393,9 +402,9 @@ class BatchNorm2d(Module):
 
     def _forward(self, x):
         if not self.training:
-            return kernels.batchnorm2d_eval_forward(x, self.weight.data, self.bias.data, self.running_mean,
+            return self.kernels.batchnorm2d_eval_forward(x, self.weight.data, self.bias.data, self.running_mean,
                                                     self.running_var, self.eps)
-        y, mean, var = kernels.batchnorm2d_train_forward(x, self.weight.data, self.bias.data, self.eps)
+        y, mean, var = self.kernels.batchnorm2d_train_forward(x, self.weight.data, self.bias.data, self.eps)
         self.num_batches_tracked = np.int64(self.num_batches_tracked + 1)
         factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         count = x.shape[0] * x.shape[2] * x.shape[3]
@@ -407,7 +416,7 @@ class BatchNorm2d(Module):
 
     def _backward(self, grad_out, input_grad):
         x, mean, var = self._take_saved()
-        grad_x, grad_weight, grad_bias = kernels.batchnorm2d_backward(grad_out, x, self.weight.data, mean, var,
+        grad_x, grad_weight, grad_bias = self.kernels.batchnorm2d_backward(grad_out, x, self.weight.data, mean, var,
                                                                       self.eps)
         self.weight.accumulate(grad_weight)
         self.bias.accumulate(grad_bias)
@@ -426,7 +435,7 @@ class ReLU(Module):
         return check_array(x, "x", 4)
 
     def _forward(self, x):
-        y = kernels.relu_forward(x, self.upper)
+        y = self.kernels.relu_forward(x, self.upper)
         # The output lies inside (0, upper) exactly where the input does, so keeping y (which the
         # next layer keeps anyway) costs no extra memory.
         self._save(y, y)
@@ -434,7 +443,7 @@ class ReLU(Module):
 
     def _backward(self, grad_out, input_grad):
         (y,) = self._take_saved()
-        return kernels.relu_backward_input(grad_out, y, self.upper) if input_grad else None
+        return self.kernels.relu_backward_input(grad_out, y, self.upper) if input_grad else None
 
 
 class ReLU6(ReLU):
@@ -478,7 +487,7 @@ class MaxPool2d(_Pool2d):
     """Max pooling, as torch.nn.MaxPool2d (dilation 1, floor mode)."""
 
     def _forward(self, x):
-        y, argmax = kernels.max_pool2d_forward(x, *self._kernel, *self._stride, *self._padding)
+        y, argmax = self.kernels.max_pool2d_forward(x, *self._kernel, *self._stride, *self._padding)
         self._save(y, argmax, x.shape)
         return y
 
@@ -486,7 +495,7 @@ class MaxPool2d(_Pool2d):
         argmax, in_shape = self._take_saved()
         if not input_grad:
             return None
-        return kernels.max_pool2d_backward_input(grad_out, argmax, in_shape[2], in_shape[3])
+        return self.kernels.max_pool2d_backward_input(grad_out, argmax, in_shape[2], in_shape[3])
 
 
 class AvgPool2d(_Pool2d):
@@ -497,7 +506,7 @@ class AvgPool2d(_Pool2d):
         self.count_include_pad = bool(count_include_pad)
 
     def _forward(self, x):
-        y = kernels.avg_pool2d_forward(x, *self._kernel, *self._stride, *self._padding, self.count_include_pad)
+        y = self.kernels.avg_pool2d_forward(x, *self._kernel, *self._stride, *self._padding, self.count_include_pad)
         self._save(y, x.shape)
         return y
 
@@ -505,7 +514,7 @@ class AvgPool2d(_Pool2d):
         (in_shape,) = self._take_saved()
         if not input_grad:
             return None
-        return kernels.avg_pool2d_backward_input(grad_out, in_shape[2], in_shape[3], *self._kernel, *self._stride,
+        return self.kernels.avg_pool2d_backward_input(grad_out, in_shape[2], in_shape[3], *self._kernel, *self._stride,
                                                  *self._padding, self.count_include_pad)
 
 
@@ -628,13 +637,13 @@ class ResidualBlock(Module):
     def _forward(self, x):
         total = self.body._forward(x)
         total = total + (self.downsample._forward(self.downsample._check_input(x)) if self.downsample else x)
-        y = kernels.relu_forward(total)
+        y = self.kernels.relu_forward(total)
         self._save(y, y)
         return y
 
     def _backward(self, grad_out, input_grad):
         (y,) = self._take_saved()
-        grad = kernels.relu_backward_input(grad_out, y)
+        grad = self.kernels.relu_backward_input(grad_out, y)
         grad_x = self.body.backward(grad, True)
         if not input_grad:
             if self.downsample is not None:

@@ -109,13 +109,14 @@ class PatchCore(Detector):
             with held-out normal images gives a threshold with a known false-alarm rate.
         blur_sigma: Gaussian blur of the anomaly maps, in pixels (0 = none).
         batch_size: images per backbone pass (memory is bounded by one batch of features).
+        device: "cpu" or "cuda": which kernel table the backbone, the search and the coreset use.
     """
 
     _fitted_attribute = "memory_bank_"
 
     def __init__(self, in_channels=3, feature_dim=256, seed=0, *, backbone="seed", weights=None, layers=None,
                  patch_size=3, target_dim=None, sampler="greedy", projection_dim=128, score="reweighted",
-                 num_neighbors=9, threshold="mean+3std", blur_sigma=4.0, batch_size=8):
+                 num_neighbors=9, threshold="mean+3std", blur_sigma=4.0, batch_size=8, device="cpu"):
         super().__init__(in_channels, batch_size)
         self.feature_dim = check_positive_int(feature_dim, "feature_dim")
         self.seed = check_positive_int(seed, "seed", minimum=0)
@@ -147,6 +148,8 @@ class PatchCore(Detector):
         if not self.blur_sigma >= 0.0:
             raise ValueError(f"blur_sigma must be >= 0, got {blur_sigma}")
         extractor.net.eval().requires_grad_(False)
+        self.device = device
+        extractor.net.to_device(device)
         self.memory_bank_ = None
 
     @classmethod
@@ -208,7 +211,7 @@ class PatchCore(Detector):
             keep = seed_uniform_indices(n, coreset_ratio)
         else:
             keep = greedy_coreset(features, max(1, int(n * coreset_ratio)), projection_dim=self.projection_dim,
-                                  start=0, seed=self.seed, progress=self.show_progress)
+                                  start=0, seed=self.seed, progress=self.show_progress, device=self.device)
         self.memory_bank_ = np.ascontiguousarray(features[keep])
         self.image_size_ = images.shape[2:]
         self.threshold_ = nearest_other_threshold(self.memory_bank_)
@@ -224,7 +227,7 @@ class PatchCore(Detector):
         features = self._patch_features(batch)
         n, h, w, dim = features.shape
         flat = features.reshape(n, h * w, dim)
-        dist, index = knn(flat.reshape(-1, dim), self.memory_bank_, k=1)
+        dist, index = knn(flat.reshape(-1, dim), self.memory_bank_, k=1, device=self.device)
         dist = dist[:, 0].reshape(n, h * w)
         index = index[:, 0].reshape(n, h * w)
         if self.score == "max":
@@ -241,7 +244,7 @@ class PatchCore(Detector):
                     layers=list(self.layers), patch_size=self.patch_size, target_dim=self.target_dim,
                     sampler=self.sampler, projection_dim=self.projection_dim, score=self.score,
                     num_neighbors=self.num_neighbors, threshold=self.threshold_rule, blur_sigma=self.blur_sigma,
-                    batch_size=self.batch_size)
+                    batch_size=self.batch_size, device=self.device)
 
     def _arrays(self):
         arrays = {f"backbone/{name}": value for name, value in self.backbone.state_dict().items()}

@@ -21,7 +21,7 @@ def _check_matrix(x, name):
     return check_finite(x, name)
 
 
-def knn(queries, bank, k=1, *, exclude_self=False):
+def knn(queries, bank, k=1, *, exclude_self=False, device="cpu"):
     """The k nearest bank rows of every query row, exactly (Euclidean distance).
 
     Args:
@@ -30,6 +30,7 @@ def knn(queries, bank, k=1, *, exclude_self=False):
         k: how many neighbours, 1 <= k <= M (M - 1 with exclude_self).
         exclude_self: the bank is the query set itself and row i may not be its own neighbour
             (used for each bank vector's nearest *other* vector).
+        device: "cpu" or "cuda" (the screening products run as tiled numba.cuda kernels).
 
     Returns:
         (distances [Q, k] float32 ascending, indices [Q, k] int64). Equal distances are ordered
@@ -52,6 +53,7 @@ def knn(queries, bank, k=1, *, exclude_self=False):
         raise ValueError(f"k={k} exceeds the {available} bank rows available"
                          f"{' besides each query itself' if exclude_self else ''}")
 
+    table = kernels.for_device(device)
     n_queries, dim = queries.shape
     width = min(k + _config.KNN_EXTRA_CANDIDATES, available)
     bank_norms = kernels.squared_norms(bank)
@@ -70,8 +72,8 @@ def knn(queries, bank, k=1, *, exclude_self=False):
         for m0 in range(0, bank.shape[0], _config.KNN_BANK_BLOCK):
             m1 = min(bank.shape[0], m0 + _config.KNN_BANK_BLOCK)
             dots = buffer[: (q1 - q0) * (m1 - m0)].reshape(q1 - q0, m1 - m0)
-            np.matmul(block, bank[m0:m1].T, out=dots)
-            kernels.merge_block_candidates(dots, query_norms, bank_norms[m0:m1], m0, q0 if exclude_self else -1,
+            table.block_dots(block, bank[m0:m1], dots)
+            table.merge_block_candidates(dots, query_norms, bank_norms[m0:m1], m0, q0 if exclude_self else -1,
                                            best_dist, best_index)
         error = kernels.dot_error_bound(query_norms, max_bank_norm, dim, queries.itemsize)
         needs_exact = np.empty(q1 - q0, dtype=np.bool_)
@@ -83,7 +85,7 @@ def knn(queries, bank, k=1, *, exclude_self=False):
     return np.sqrt(distances).astype(np.float32), indices
 
 
-def greedy_coreset(features, n_select, projection_dim=128, start=0, seed=0, progress=False):
+def greedy_coreset(features, n_select, projection_dim=128, start=0, seed=0, progress=False, device="cpu"):
     """Indices of a greedy k-center coreset (PatchCore's memory-bank subsampling).
 
     Starting from row ``start``, repeatedly adds the row farthest from everything selected so far
@@ -100,6 +102,7 @@ def greedy_coreset(features, n_select, projection_dim=128, start=0, seed=0, prog
         start: the first selected row, 0 <= start < N.
         seed: seed of the projection matrix.
         progress: show a progress bar on stderr.
+        device: "cpu" or "cuda" (the distance update runs as a numba.cuda kernel).
 
     Returns:
         int64 [n_select] row indices in selection order. Memory: a float64 and an int64 per row.
@@ -118,13 +121,14 @@ def greedy_coreset(features, n_select, projection_dim=128, start=0, seed=0, prog
             rng = np.random.default_rng(seed)
             matrix = rng.standard_normal((features.shape[1], projection_dim)) / np.sqrt(projection_dim)
             features = features @ matrix.astype(features.dtype)
+    table = kernels.for_device(device)
     min_dist = np.full(n, np.inf)
     nearest = np.zeros(n, dtype=np.int64)
     selected = np.empty(n_select, dtype=np.int64)
     selected[0] = start
     with Progress(n_select - 1, "coreset", progress) as bar:
         for step in range(1, n_select):
-            kernels.update_min_distances(features, selected, step, min_dist, nearest)
+            table.update_min_distances(features, selected, step, min_dist, nearest)
             min_dist[selected[step - 1]] = -1.0
             selected[step] = np.argmax(min_dist)  # the first maximum: ties go to the lowest index
             bar.update()

@@ -52,12 +52,13 @@ class StudentTeacher(Detector):
             efficientnet_lite0; layer1-3 of the ResNets, as STFPM).
         blur_sigma: Gaussian blur of the anomaly maps in pixels (0 = none, the default).
         batch_size: images per forward pass when scoring.
+        device: "cpu" or "cuda": which kernel table both nets use.
     """
 
     _fitted_attribute = "threshold_"
 
     def __init__(self, in_channels=3, feature_dim=128, seed=0, *, backbone="seed", weights=None, multiscale=None,
-                 stages=None, blur_sigma=0.0, batch_size=8):
+                 stages=None, blur_sigma=0.0, batch_size=8, device="cpu"):
         super().__init__(in_channels, batch_size)
         self.feature_dim = check_positive_int(feature_dim, "feature_dim")
         self.seed = check_positive_int(seed, "seed", minimum=0)
@@ -85,6 +86,9 @@ class StudentTeacher(Detector):
         self.teacher = self._teacher.net
         self.student = self._student.net
         self.teacher.eval().requires_grad_(False)
+        self.device = device
+        self.teacher.to_device(device)
+        self.student.to_device(device)
         self.loss_history_ = []
         self.val_loss_history_ = []
         self.optimizer_ = None
@@ -266,7 +270,7 @@ class StudentTeacher(Detector):
         return dict(in_channels=self.in_channels, feature_dim=self.feature_dim, seed=self.seed,
                     backbone=self.backbone_name, weights=None if self.backbone_name == "seed" else "random",
                     multiscale=self.multiscale, stages=list(self.stages), blur_sigma=self.blur_sigma,
-                    batch_size=self.batch_size)
+                    batch_size=self.batch_size, device=self.device)
 
     def _arrays(self):
         arrays = {f"teacher/{k}": v for k, v in self.teacher.state_dict().items()}
