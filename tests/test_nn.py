@@ -165,3 +165,19 @@ def test_optimizer_skips_parameters_without_gradient():
     optim.SGD(net.parameters(), lr=0.1, momentum=0.9).step()
     for a, p in zip(before, net.parameters()):
         np.testing.assert_array_equal(a, p.data)
+
+
+def test_cuda_without_a_gpu_is_one_clear_error():
+    from npanomaly import PatchCore
+    from npanomaly.kernels import cuda
+
+    if cuda.is_available():
+        pytest.skip("a GPU (or the CUDA simulator) is available here")
+    with pytest.raises(RuntimeError, match="needs an NVIDIA GPU"):
+        nn.Conv2d(3, 4, 3).to_device("cuda")
+    with pytest.raises(RuntimeError, match="needs an NVIDIA GPU"):
+        PatchCore(device="cuda")
+    with pytest.raises(RuntimeError, match="needs an NVIDIA GPU"):
+        cuda.relu_forward(np.ones(3, np.float32))
+    with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda'"):
+        nn.ReLU().to_device("tpu")

@@ -8,8 +8,6 @@ arrays. Without an NVIDIA GPU and driver, ``require()`` (called by for_device) r
 ``NUMBA_ENABLE_CUDASIM=1`` (set before Numba is imported) runs the twins in Numba's simulator.
 """
 
-from numba import cuda as _cuda
-
 from .. import (  # noqa: F401  (CPU kernels without a twin: same table, same names)
     all_finite,
     avg_pool2d_backward_input,
@@ -32,6 +30,7 @@ from .. import (  # noqa: F401  (CPU kernels without a twin: same table, same na
     refine_candidates,
     squared_norms,
 )
+from ._device import is_available, require  # noqa: F401
 from .ops import (  # noqa: F401
     batchnorm2d_backward,
     batchnorm2d_eval_forward,
@@ -49,19 +48,3 @@ from .ops import (  # noqa: F401
 TWINS = ("batchnorm2d_backward", "batchnorm2d_eval_forward", "batchnorm2d_train_forward", "block_dots",
          "conv2d_backward_bias", "conv2d_backward_input", "conv2d_backward_weight", "conv2d_forward",
          "relu_backward_input", "relu_forward", "update_min_distances")
-
-
-def is_available():
-    """True when a CUDA GPU and driver (or the simulator) can run the twins."""
-    try:
-        return bool(_cuda.is_available())
-    except Exception:  # a broken driver install raises instead of answering
-        return False
-
-
-def require():
-    """Raise RuntimeError with what is missing when the twins cannot run here."""
-    if not is_available():
-        raise RuntimeError("device='cuda' needs an NVIDIA GPU with a working driver and numba's CUDA target "
-                           "(pip install 'npanomaly[cuda]'); none is usable here. Use device='cpu', or set "
-                           "NUMBA_ENABLE_CUDASIM=1 before importing numba to run the kernels in the simulator.")

@@ -7,6 +7,7 @@ the math of each kernel is its CPU twin's (see npanomaly.kernels). Thread counts
 kernels/_config.py at call time, so the tests can make tiny inputs span several blocks.
 """
 
+import functools
 import math
 
 import numpy as np
@@ -14,9 +15,20 @@ from numba import cuda
 
 from .. import _config
 from ..conv import conv2d_output_size
+from ._device import require
+
+
+def _launcher(function):
+    """A host launcher: first the one clear error when no GPU can run it (not a driver traceback)."""
+    @functools.wraps(function)
+    def checked(*args, **kwargs):
+        require()
+        return function(*args, **kwargs)
+    return checked
 
 
 def _blocks(total):
+    """(blocks, threads) of a 1-D launch over total elements."""
     threads = _config.CUDA_THREADS_PER_BLOCK
     return max(1, (total + threads - 1) // threads), threads
 
@@ -48,6 +60,7 @@ def _conv_forward(x, weight, bias, has_bias, sh, sw, ph, pw, y):
     y[n, o, oh, ow] = total
 
 
+@_launcher
 def conv2d_forward(x, weight, bias, stride_h, stride_w, pad_h, pad_w):
     """GPU twin of npanomaly.kernels.conv2d_forward (direct convolution, one thread per output)."""
     out_h = conv2d_output_size(x.shape[2], weight.shape[2], stride_h, pad_h)
@@ -89,6 +102,7 @@ def _conv_backward_input(grad_out, weight, sh, sw, ph, pw, grad_x):
     grad_x[n, c, ih, iw] = total
 
 
+@_launcher
 def conv2d_backward_input(grad_out, weight, in_h, in_w, stride_h, stride_w, pad_h, pad_w):
     """GPU twin of npanomaly.kernels.conv2d_backward_input (a gather: one thread per input pixel)."""
     grad_x = cuda.device_array((grad_out.shape[0], weight.shape[1], in_h, in_w), dtype=grad_out.dtype)
@@ -123,6 +137,7 @@ def _conv_backward_weight(grad_out, x, sh, sw, ph, pw, grad_w):
     grad_w[o, c, i, j] = total
 
 
+@_launcher
 def conv2d_backward_weight(grad_out, x, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w):
     """GPU twin of npanomaly.kernels.conv2d_backward_weight (one thread per filter weight, float64 sum)."""
     grad_w = cuda.device_array((grad_out.shape[1], x.shape[1], kernel_h, kernel_w), dtype=grad_out.dtype)
@@ -146,6 +161,7 @@ def _channel_sums(values, out):
     out[c] = total
 
 
+@_launcher
 def conv2d_backward_bias(grad_out):
     """GPU twin of npanomaly.kernels.conv2d_backward_bias."""
     out = cuda.device_array(grad_out.shape[1], dtype=grad_out.dtype)
@@ -209,18 +225,20 @@ def _affine(x, scale, offset):
     return y.copy_to_host()
 
 
+@_launcher
 def batchnorm2d_train_forward(x, weight, bias, eps):
     """GPU twin of npanomaly.kernels.batchnorm2d_train_forward (statistics in float64)."""
     channels = x.shape[1]
     mean = cuda.device_array(channels, dtype=np.float64)
     var = cuda.device_array(channels, dtype=np.float64)
-    threads = min(1024, _config.CUDA_THREADS_PER_BLOCK)
+    threads = min(1024, _blocks(1)[1])
     _bn_statistics[channels, threads](cuda.to_device(x), mean, var)
     mean, var = mean.copy_to_host(), var.copy_to_host()
     scale = weight / np.sqrt(var + eps)
     return _affine(x, scale.astype(x.dtype), (bias - mean * scale).astype(x.dtype)), mean, var
 
 
+@_launcher
 def batchnorm2d_eval_forward(x, weight, bias, running_mean, running_var, eps):
     """GPU twin of npanomaly.kernels.batchnorm2d_eval_forward."""
     scale = weight / np.sqrt(running_var.astype(np.float64) + eps)
@@ -258,6 +276,7 @@ def _bn_backward_input(grad_out, x, mean, inv_std, weight, mean_dy, mean_dy_xhat
     grad_x[n, c, h, w] = weight[c] * inv_std[c] * (grad_out[n, c, h, w] - mean_dy[c] - xhat * mean_dy_xhat[c])
 
 
+@_launcher
 def batchnorm2d_backward(grad_out, x, weight, batch_mean, batch_var, eps):
     """GPU twin of npanomaly.kernels.batchnorm2d_backward."""
     channels = x.shape[1]
@@ -293,6 +312,7 @@ def _relu_backward(grad_out, x, upper, grad_x):
         grad_x[i] = grad_out[i] if 0 < x[i] < upper else 0
 
 
+@_launcher
 def relu_forward(x, upper=np.inf):
     """GPU twin of npanomaly.kernels.relu_forward."""
     y = cuda.device_array(x.size, dtype=x.dtype)
@@ -301,6 +321,7 @@ def relu_forward(x, upper=np.inf):
     return y.copy_to_host().reshape(x.shape)
 
 
+@_launcher
 def relu_backward_input(grad_out, x, upper=np.inf):
     """GPU twin of npanomaly.kernels.relu_backward_input."""
     grad_x = cuda.device_array(x.size, dtype=grad_out.dtype)
@@ -335,6 +356,7 @@ def _block_dots(queries, bank, out):
         out[row, col] = total
 
 
+@_launcher
 def block_dots(queries, bank, out):
     """GPU twin of npanomaly.kernels.block_dots: out[...] = queries @ bank.T (tiled, shared memory)."""
     tile = min(32, _config.CUDA_TILE)
@@ -375,6 +397,7 @@ def _update_min_distances(features, selected, count, center_dist, slack, min_dis
         nearest[i] = count - 1
 
 
+@_launcher
 def update_min_distances(features, selected, count, min_dist, nearest):
     """GPU twin of npanomaly.kernels.update_min_distances (min_dist and nearest updated in place)."""
     from ..coreset import PRUNE_SLACK
