@@ -33,6 +33,12 @@ def _blocks(total):
     return max(1, (total + threads - 1) // threads), threads
 
 
+@cuda.jit(device=True)
+def _unravel(index, d1, d2, d3):
+    """(i0, i1, i2, i3) of a flat C-order index into an array of shape [*, d1, d2, d3]."""
+    return index // (d3 * d2 * d1), (index // (d3 * d2)) % d1, (index // d3) % d2, index % d3
+
+
 # ----------------------------------------------------------------------------- convolution
 
 @cuda.jit
@@ -41,10 +47,7 @@ def _conv_forward(x, weight, bias, has_bias, sh, sw, ph, pw, y):
     batch, out_channels, out_h, out_w = y.shape
     if index >= y.size:
         return
-    ow = index % out_w
-    oh = (index // out_w) % out_h
-    o = (index // (out_w * out_h)) % out_channels
-    n = index // (out_w * out_h * out_channels)
+    n, o, oh, ow = _unravel(index, out_channels, out_h, out_w)
     channels, kernel_h, kernel_w = weight.shape[1], weight.shape[2], weight.shape[3]
     height, width = x.shape[2], x.shape[3]
     total = bias[o] if has_bias else 0.0
@@ -80,10 +83,7 @@ def _conv_backward_input(grad_out, weight, sh, sw, ph, pw, grad_x):
     batch, channels, height, width = grad_x.shape
     if index >= grad_x.size:
         return
-    iw = index % width
-    ih = (index // width) % height
-    c = (index // (width * height)) % channels
-    n = index // (width * height * channels)
+    n, c, ih, iw = _unravel(index, channels, height, width)
     out_channels, kernel_h, kernel_w = weight.shape[0], weight.shape[2], weight.shape[3]
     out_h, out_w = grad_out.shape[2], grad_out.shape[3]
     total = 0.0
@@ -118,10 +118,7 @@ def _conv_backward_weight(grad_out, x, sh, sw, ph, pw, grad_w):
     out_channels, channels, kernel_h, kernel_w = grad_w.shape
     if index >= grad_w.size:
         return
-    j = index % kernel_w
-    i = (index // kernel_w) % kernel_h
-    c = (index // (kernel_w * kernel_h)) % channels
-    o = index // (kernel_w * kernel_h * channels)
+    o, c, i, j = _unravel(index, channels, kernel_h, kernel_w)
     batch, height, width = x.shape[0], x.shape[2], x.shape[3]
     out_h, out_w = grad_out.shape[2], grad_out.shape[3]
     total = 0.0
@@ -211,10 +208,7 @@ def _bn_affine(x, scale, offset, y):
     if index >= y.size:
         return
     channels, height, width = y.shape[1], y.shape[2], y.shape[3]
-    w = index % width
-    h = (index // width) % height
-    c = (index // (width * height)) % channels
-    n = index // (width * height * channels)
+    n, c, h, w = _unravel(index, channels, height, width)
     y[n, c, h, w] = x[n, c, h, w] * scale[c] + offset[c]
 
 
@@ -268,10 +262,7 @@ def _bn_backward_input(grad_out, x, mean, inv_std, weight, mean_dy, mean_dy_xhat
     if index >= grad_x.size:
         return
     channels, height, width = grad_x.shape[1], grad_x.shape[2], grad_x.shape[3]
-    w = index % width
-    h = (index // width) % height
-    c = (index // (width * height)) % channels
-    n = index // (width * height * channels)
+    n, c, h, w = _unravel(index, channels, height, width)
     xhat = (x[n, c, h, w] - mean[c]) * inv_std[c]
     grad_x[n, c, h, w] = weight[c] * inv_std[c] * (grad_out[n, c, h, w] - mean_dy[c] - xhat * mean_dy_xhat[c])
 
