@@ -297,19 +297,19 @@ class Conv2d(Module):
         return total // 2, total - total // 2
 
     def _forward(self, x):
-        in_shape = x.shape
-        pads = self._padding
+        height, width = x.shape[2:]
+        pads, crop = self._padding, None
         if self._same:
             (top, bottom), (left, right) = (self._same_padding(n, k, s) for n, k, s in
                                             zip(x.shape[2:], self.kernel_size, self._stride))
             if top == bottom and left == right:
                 pads = (top, left)
-            else:
+            else:  # asymmetric: pad explicitly, and remember where the image sits for backward
                 x = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
-                pads = (0, 0)
+                pads, crop = (0, 0), (slice(top, top + height), slice(left, left + width))
         bias = None if self.bias is None else self.bias.data
         y = self._convolve(x, self.weight.data, bias, pads)
-        self._save(y, x, pads, in_shape)
+        self._save(y, x, pads, crop)
         return y
 
     def _depthwise(self):
@@ -330,7 +330,7 @@ class Conv2d(Module):
                                for gi, go in self._group_slices()], axis=1)
 
     def _backward(self, grad_out, input_grad):
-        x, pads, in_shape = self._take_saved()
+        x, pads, crop = self._take_saved()
         stride, kernel = self._stride, self.kernel_size
         if self.groups == 1:
             grad_w = self.kernels.conv2d_backward_weight(grad_out, x, *kernel, *stride, *pads)
@@ -356,10 +356,8 @@ class Conv2d(Module):
                                                                    self.weight.data[go], height, width, *stride,
                                                                    *pads)
                                      for gi, go in self._group_slices()], axis=1)
-        if grad_x.shape != in_shape:  # undo the explicit asymmetric padding of padding="same"
-            top = (grad_x.shape[2] - in_shape[2]) and self._same_padding(in_shape[2], kernel[0], stride[0])[0]
-            left = (grad_x.shape[3] - in_shape[3]) and self._same_padding(in_shape[3], kernel[1], stride[1])[0]
-            grad_x = np.ascontiguousarray(grad_x[:, :, top:top + in_shape[2], left:left + in_shape[3]])
+        if crop is not None:  # the gradient of the explicit padding's zeros is dropped
+            grad_x = np.ascontiguousarray(grad_x[:, :, crop[0], crop[1]])
         return grad_x
 
     def extra_repr(self):
@@ -536,13 +534,6 @@ class Sequential(Module):
     def named_children(self):
         return list(zip(self.names, self.layers))
 
-    def index(self, name):
-        """Position of the layer called name."""
-        try:
-            return self.names.index(name)
-        except ValueError:
-            raise ValueError(f"no layer named {name!r}; layers are {self.names}") from None
-
     def __len__(self):
         return len(self.layers)
 
@@ -610,8 +601,8 @@ class Residual(Sequential):
         return y + x if self.skip else y
 
     def backward(self, grad_out, input_grad=True):
-        grad = super().backward(grad_out, True)
-        return (grad + grad_out if self.skip else grad) if input_grad else None
+        grad = super().backward(grad_out, input_grad)
+        return grad + grad_out if (input_grad and self.skip) else grad
 
 
 class ResidualBlock(Module):
@@ -635,8 +626,8 @@ class ResidualBlock(Module):
         return self.body._check_input(x)
 
     def _forward(self, x):
-        total = self.body._forward(x)
-        total = total + (self.downsample._forward(self.downsample._check_input(x)) if self.downsample else x)
+        shortcut = x if self.downsample is None else self.downsample._forward(self.downsample._check_input(x))
+        total = self.body._forward(x) + shortcut
         y = self.kernels.relu_forward(total)
         self._save(y, y)
         return y
@@ -644,9 +635,6 @@ class ResidualBlock(Module):
     def _backward(self, grad_out, input_grad):
         (y,) = self._take_saved()
         grad = self.kernels.relu_backward_input(grad_out, y)
-        grad_x = self.body.backward(grad, True)
-        if not input_grad:
-            if self.downsample is not None:
-                self.downsample.backward(grad, False)
-            return None
-        return grad_x + (self.downsample.backward(grad, True) if self.downsample is not None else grad)
+        grad_x = self.body.backward(grad, input_grad)
+        shortcut = grad if self.downsample is None else self.downsample.backward(grad, input_grad)
+        return grad_x + shortcut if input_grad else None
