@@ -38,6 +38,13 @@ class Backbone:
             raise ValueError(f"{self.name} has no stage {stage!r}; its stages are {sorted(self.stages)}")
         return self.stages[stage]
 
+    def ordered(self, stages, name="layers"):
+        """The stages checked (at least one, distinct, known) and ordered from shallow to deep."""
+        stages = tuple(stages)
+        if not stages or len(set(stages)) != len(stages) or any(stage not in self.stages for stage in stages):
+            raise ValueError(f"{name} must be distinct names from {tuple(self.stages)}, got {stages}")
+        return tuple(sorted(stages, key=lambda stage: self.stages[stage][0]))
+
     def indices(self, stages):
         return [self._stage(stage)[0] for stage in stages]
 

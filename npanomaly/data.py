@@ -45,6 +45,17 @@ def to_float_chw(pixels, channels=3):
     return np.ascontiguousarray(colour.transpose(2, 0, 1))
 
 
+def to_rgb_hwc(image):
+    """float [C, H, W] (C = 1 or >= 3) -> float RGB [H, W, 3]: grey repeated, channels past 3 dropped."""
+    rgb = np.repeat(image, 3, axis=0) if image.shape[0] == 1 else image[:3]
+    return rgb.transpose(1, 2, 0)
+
+
+def to_uint8(image):
+    """float [C, H, W] in [0, 1] -> uint8 RGB [H, W, 3] (the inverse of to_float_chw for 8-bit files)."""
+    return np.round(np.clip(to_rgb_hwc(image), 0, 1) * 255).astype(np.uint8)
+
+
 def resize(images, size):
     """Resize float [N, C, H, W] to size = (h, w): box-average first when shrinking by 2x or more
     (so a sharp downscale does not alias), then bilinear as torch's interpolate(align_corners=False)."""

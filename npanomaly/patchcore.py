@@ -14,7 +14,7 @@ import numpy as np
 
 from npanomaly import backbones, kernels
 from npanomaly._progress import Progress
-from npanomaly._validation import check_finite, check_positive_int
+from npanomaly._validation import check_finite, check_nonnegative_float, check_positive_int
 from npanomaly.detector import Detector, register
 from npanomaly.maps import upsample_and_blur
 from npanomaly.search import greedy_coreset, knn
@@ -127,10 +127,8 @@ class PatchCore(Detector):
                                                 np.random.default_rng(self.seed))
         else:
             extractor = backbones.build(backbone, weights, seed=self.seed, upto=backbones.deepest(backbone, layers))
-        if not layers or len(set(layers)) != len(layers) or any(layer not in extractor.stages for layer in layers):
-            raise ValueError(f"layers must be distinct names from {tuple(extractor.stages)}, got {layers}")
         self.feature_extractor = extractor
-        self.layers = tuple(sorted(layers, key=lambda stage: extractor.stages[stage][0]))
+        self.layers = extractor.ordered(layers)
         self.patch_size = check_positive_int(patch_size, "patch_size")
         if self.patch_size % 2 == 0:
             raise ValueError(f"patch_size must be odd (a centred neighbourhood), got {patch_size}")
@@ -144,9 +142,7 @@ class PatchCore(Detector):
         self.projection_dim = None if projection_dim is None else check_positive_int(projection_dim,
                                                                                      "projection_dim")
         self.num_neighbors = check_positive_int(num_neighbors, "num_neighbors")
-        self.blur_sigma = float(blur_sigma)
-        if not self.blur_sigma >= 0.0:
-            raise ValueError(f"blur_sigma must be >= 0, got {blur_sigma}")
+        self.blur_sigma = check_nonnegative_float(blur_sigma, "blur_sigma")
         extractor.net.eval().requires_grad_(False)
         self.device = device
         extractor.net.to_device(device)

@@ -8,6 +8,7 @@ import html
 
 import numpy as np
 
+from npanomaly.data import to_rgb_hwc, to_uint8
 from npanomaly.metrics import roc_curve
 from npanomaly.png import encode_png
 
@@ -25,19 +26,13 @@ def colormap(values):
 
 def heatmap_overlay(image, heatmap, low, high, alpha=0.5):
     """uint8 [H, W, 3]: the image [C, H, W] in [0, 1] blended with the coloured heatmap scaled to [low, high]."""
-    rgb = np.repeat(image, 3, axis=0) if image.shape[0] == 1 else image[:3]
     normalised = (heatmap - low) / max(high - low, 1e-12)
-    blended = (1 - alpha) * rgb.transpose(1, 2, 0) + alpha * colormap(normalised)
+    blended = (1 - alpha) * to_rgb_hwc(image) + alpha * colormap(normalised)
     return np.round(np.clip(blended, 0, 1) * 255).astype(np.uint8)
 
 
 def _image_uri(pixels):
     return "data:image/png;base64," + base64.b64encode(encode_png(pixels)).decode("ascii")
-
-
-def _chw_to_uint8(image):
-    rgb = np.repeat(image, 3, axis=0) if image.shape[0] == 1 else image[:3]
-    return np.round(np.clip(rgb, 0, 1) * 255).astype(np.uint8).transpose(1, 2, 0)
 
 
 def _roc_svg(scores, labels, size=260):
@@ -94,7 +89,7 @@ def section(title, metrics, scores, labels, threshold, images, maps, masks=None,
     for i in order:
         name = html.escape(names[i]) if names is not None else f"image {i}"
         verdict = "anomalous" if labels[i] else "normal"
-        cells = [f'<img src="{_image_uri(_chw_to_uint8(images[i]))}" title="image">',
+        cells = [f'<img src="{_image_uri(to_uint8(images[i]))}" title="image">',
                  f'<img src="{_image_uri(heatmap_overlay(images[i], maps[i], low, high))}" title="heatmap">']
         if masks is not None:
             cells.append(f'<img src="{_image_uri(masks[i].astype(np.uint8) * 255)}" title="ground truth">')

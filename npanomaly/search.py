@@ -56,7 +56,7 @@ def knn(queries, bank, k=1, *, exclude_self=False, device="cpu"):
     table = kernels.for_device(device)
     n_queries, dim = queries.shape
     width = min(k + _config.KNN_EXTRA_CANDIDATES, available)
-    bank_norms = kernels.squared_norms(bank)
+    bank_norms = table.squared_norms(bank)
     max_bank_norm = float(bank_norms.max())
     distances = np.empty((n_queries, k), dtype=np.float64)
     indices = np.empty((n_queries, k), dtype=np.int64)
@@ -66,22 +66,23 @@ def knn(queries, bank, k=1, *, exclude_self=False, device="cpu"):
     for q0 in range(0, n_queries, _config.KNN_QUERY_BLOCK):
         q1 = min(n_queries, q0 + _config.KNN_QUERY_BLOCK)
         block = queries[q0:q1]
-        query_norms = kernels.squared_norms(block)
+        exclude_offset = q0 if exclude_self else -1  # bank row q0 + i is query row i itself
+        query_norms = table.squared_norms(block)
         best_dist = np.full((q1 - q0, width), np.inf)
         best_index = np.full((q1 - q0, width), -1, dtype=np.int64)
         for m0 in range(0, bank.shape[0], _config.KNN_BANK_BLOCK):
             m1 = min(bank.shape[0], m0 + _config.KNN_BANK_BLOCK)
             dots = buffer[: (q1 - q0) * (m1 - m0)].reshape(q1 - q0, m1 - m0)
             table.block_dots(block, bank[m0:m1], dots)
-            table.merge_block_candidates(dots, query_norms, bank_norms[m0:m1], m0, q0 if exclude_self else -1,
-                                           best_dist, best_index)
-        error = kernels.dot_error_bound(query_norms, max_bank_norm, dim, queries.itemsize)
+            table.merge_block_candidates(dots, query_norms, bank_norms[m0:m1], m0, exclude_offset, best_dist,
+                                         best_index)
+        error = table.dot_error_bound(query_norms, max_bank_norm, dim, queries.itemsize)
         needs_exact = np.empty(q1 - q0, dtype=np.bool_)
-        kernels.refine_candidates(block, bank, best_index, k, error, best_dist, needs_exact,
-                                  distances[q0:q1], indices[q0:q1])
+        table.refine_candidates(block, bank, best_index, k, error, best_dist, needs_exact,
+                                distances[q0:q1], indices[q0:q1])
         rows = np.flatnonzero(needs_exact)
         if rows.size:
-            kernels.exact_scan(block, bank, rows, k, q0 if exclude_self else -1, distances[q0:q1], indices[q0:q1])
+            table.exact_scan(block, bank, rows, k, exclude_offset, distances[q0:q1], indices[q0:q1])
     return np.sqrt(distances).astype(np.float32), indices
 
 

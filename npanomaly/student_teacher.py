@@ -79,10 +79,7 @@ class StudentTeacher(Detector):
             upto = backbones.deepest(backbone, self.stages)
             self._teacher = backbones.build(backbone, weights, seed=self.seed, upto=upto)
             self._student = backbones.build(backbone, "random", seed=self.seed + 1, upto=upto)
-        unknown = [stage for stage in self.stages if stage not in self._teacher.stages]
-        if unknown or not self.stages or len(set(self.stages)) != len(self.stages):
-            raise ValueError(f"stages must be distinct names from {tuple(self._teacher.stages)}, got {self.stages}")
-        self.stages = tuple(sorted(self.stages, key=lambda stage: self._teacher.stages[stage][0]))
+        self.stages = self._teacher.ordered(self.stages, "stages")
         self.teacher = self._teacher.net
         self.student = self._student.net
         self.teacher.eval().requires_grad_(False)
@@ -115,8 +112,7 @@ class StudentTeacher(Detector):
         return self
 
     # ----------------------------------------------------------------- features and loss
-    def _features(self, net, images):
-        extractor = self._teacher if net is self.teacher else self._student
+    def _features(self, extractor, images):
         return extractor.features(images, self.stages)
 
     def _loss_and_grads(self, teacher_maps, student_maps):
@@ -141,7 +137,7 @@ class StudentTeacher(Detector):
     def training_loss(self, images):
         """The loss on a batch (the seed's mean squared feature difference, or the STFPM loss)."""
         images = self._check_images(images, fitting=True)
-        return self._loss_and_grads(self._features(self.teacher, images), self._features(self.student, images))[0]
+        return self._loss_and_grads(self._features(self._teacher, images), self._features(self._student, images))[0]
 
     def train_step(self, images, optimizer):
         """One optimisation step on a batch of normal images: forward through both nets, the loss
@@ -149,8 +145,8 @@ class StudentTeacher(Detector):
         if not self.student.training:
             raise RuntimeError("train_step needs the student in training mode: call .train() first")
         images = self._check_images(images, fitting=True)
-        teacher_maps = self._features(self.teacher, images)
-        student_maps = self._features(self.student, images)
+        teacher_maps = self._features(self._teacher, images)
+        student_maps = self._features(self._student, images)
         loss, grads = self._loss_and_grads(teacher_maps, student_maps)
         optimizer.zero_grad()
         self.student.backward_intermediate(grads, input_grad=False)
@@ -239,16 +235,16 @@ class StudentTeacher(Detector):
     def _mean_loss(self, images):
         total = 0.0
         for batch in self._batches(images):
-            total += self._loss_and_grads(self._features(self.teacher, batch),
-                                          self._features(self.student, batch))[0] * batch.shape[0]
+            total += self._loss_and_grads(self._features(self._teacher, batch),
+                                          self._features(self._student, batch))[0] * batch.shape[0]
         return total / images.shape[0]
 
     # ----------------------------------------------------------------- scoring
     def _score_and_map(self, batch, want_maps):
         if self.student.training:
             raise RuntimeError("scoring needs evaluation mode: call .eval() after training by hand")
-        teacher_maps = self._features(self.teacher, batch)
-        student_maps = self._features(self.student, batch)
+        teacher_maps = self._features(self._teacher, batch)
+        student_maps = self._features(self._student, batch)
         size = batch.shape[2:]
         if not self.multiscale:
             per_position = np.mean(np.square(student_maps[0] - teacher_maps[0], dtype=np.float64), axis=1)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from npanomaly import kernels
+from npanomaly.data import to_uint8
 from npanomaly.png import write_png
 
 STYLES = ("woven", "grid", "granular")
@@ -122,11 +123,6 @@ def make_category(style, n_train=40, n_test_good=12, n_test_defect=24, size=64, 
         defects.append(kind)
     return SyntheticCategory(style, train, np.stack(test), np.array([d != "good" for d in defects]),
                              np.stack(masks), defects)
-
-
-def to_uint8(image):
-    """float [3, H, W] in [0, 1] -> uint8 [H, W, 3]."""
-    return np.round(np.clip(image, 0, 1) * 255).astype(np.uint8).transpose(1, 2, 0)
 
 
 def write_mvtec(root, category):

@@ -48,13 +48,13 @@ def test_loss_gradient_of_every_student_parameter_by_finite_differences(multisca
     st.teacher.to(np.float64)
     st.student.to(np.float64).train()
     x = random_array(2, (3, 2, 8, 6))
-    teacher_maps = st._features(st.teacher, x)
+    teacher_maps = st._features(st._teacher, x)
 
     def loss():
-        return st._loss_and_grads(teacher_maps, st._features(st.student, x))[0]
+        return st._loss_and_grads(teacher_maps, st._features(st._student, x))[0]
 
     st.student.zero_grad()
-    _, grads = st._loss_and_grads(teacher_maps, st._features(st.student, x))
+    _, grads = st._loss_and_grads(teacher_maps, st._features(st._student, x))
     st.student.backward_intermediate(grads, input_grad=False)
     for name, param in st.student.named_parameters():
         np.testing.assert_allclose(param.grad, numeric_gradient(loss, param.data), rtol=1e-5, atol=1e-9,
