@@ -207,6 +207,9 @@ def test_folder_layout_and_clear_errors(tmp_path):
     assert len(dataset.train_paths) == 4  # one normal image held out for testing
     images, labels, masks, _ = dataset.test_images()
     assert labels.tolist() == [False, True] and masks[1].sum() == 16
+    streamed = list(dataset.batches(dataset.train_paths, 3, (8, 8)))
+    assert [b.shape for b in streamed] == [(3, 3, 8, 8), (1, 3, 8, 8)]
+    np.testing.assert_array_equal(np.concatenate(streamed), dataset.train_images((8, 8)))
     empty = tmp_path / "empty"
     (empty / "normal").mkdir(parents=True)
     with pytest.raises(ValueError, match="no images in"):
