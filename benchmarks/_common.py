@@ -13,7 +13,9 @@ def use_threads(threads):
     """Give NumPy's BLAS, Numba, OpenMP (torch, faiss) and MKL the same number of threads."""
     for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ[variable] = str(threads)
-    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # what `import npanomaly` before NumPy sets
+    # what `import npanomaly` sets; here too, because a benchmark may load torch's OpenMP first
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 
 def median_time(function, repeats, warm_up=True):

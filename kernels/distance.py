@@ -16,7 +16,7 @@ The search runs in two stages (orchestrated by ``npanomaly.search.knn``):
 import numpy as np
 from numba import njit, prange
 
-from ._config import JIT_OPTIONS, PARALLEL_JIT_OPTIONS, REDUCTION_JIT_OPTIONS
+from ._config import JIT_OPTIONS, KNN_SCREEN_CHUNK, PARALLEL_JIT_OPTIONS, REDUCTION_JIT_OPTIONS
 
 
 def block_dots(queries, bank, out):
@@ -59,6 +59,19 @@ def _insert_sorted(dist, index, d2, row):
     index[slot] = row
 
 
+@njit(**JIT_OPTIONS)
+def _count_below(dots_row, bank_norms, limit):
+    """How many j have |b_j|^2 - 2 q.b_j < limit: a branch-free loop the compiler vectorises.
+
+    Shapes: dots_row [n] (q.b_j), bank_norms [n] float64. Callers pass slices, so the indices start
+    at 0 and the compiler can drop the negative-index handling that would stop vectorisation.
+    """
+    hits = 0
+    for j in range(dots_row.size):
+        hits += bank_norms[j] - 2.0 * dots_row[j] < limit
+    return hits
+
+
 @njit(**PARALLEL_JIT_OPTIONS)
 def merge_block_candidates(dots, query_norms, bank_norms, bank_offset, exclude_offset, best_dist, best_index):
     """Fold one block of screened distances into each query's sorted candidate list.
@@ -68,28 +81,31 @@ def merge_block_candidates(dots, query_norms, bank_norms, bank_offset, exclude_o
     Math: d2 = max(|q|^2 + |b|^2 - 2 q.b, 0) for bank row bank_offset + j, inserted when below the
           list's last entry. When exclude_offset >= 0 the bank is the query set itself and query row
           i never lists bank row exclude_offset + i.
-          A row first counts how many elements beat its current worst (|b|^2 - 2 q.b < worst - |q|^2,
-          a branch-free loop the compiler vectorises) and only then walks the row to insert; most
-          rows of most blocks have nothing to insert, and the count is 6x cheaper than the walk.
+          Each row is taken KNN_SCREEN_CHUNK columns at a time: a vectorised count of the elements
+          that beat the current worst candidate, then the (branchy, scalar) insertion walk only over
+          chunks where the count is not zero. Most chunks have nothing to insert, so this skips
+          most of the walk that a whole-row count would still pay for any row with a single hit
+          (measured: half the merge time on the knn benchmark).
     Parallel: over query rows; each owns its own candidate row.
     """
     rows, cols = dots.shape
     width = best_dist.shape[1]
     for i in prange(rows):
-        limit = best_dist[i, width - 1] - query_norms[i]
-        hits = 0
-        for j in range(cols):
-            hits += bank_norms[j] - 2.0 * dots[i, j] < limit
-        if hits == 0:
-            continue
-        for j in range(cols):
-            partial = bank_norms[j] - 2.0 * dots[i, j]
-            if partial >= limit or (exclude_offset >= 0 and bank_offset + j == exclude_offset + i):
+        dist = best_dist[i]
+        index = best_index[i]
+        for c0 in range(0, cols, KNN_SCREEN_CHUNK):
+            c1 = min(cols, c0 + KNN_SCREEN_CHUNK)
+            limit = dist[width - 1] - query_norms[i]
+            if _count_below(dots[i, c0:c1], bank_norms[c0:c1], limit) == 0:
                 continue
-            d2 = max(query_norms[i] + partial, 0.0)
-            if d2 < best_dist[i, width - 1]:  # not always so after the clamp at 0
-                _insert_sorted(best_dist[i], best_index[i], d2, bank_offset + j)
-                limit = best_dist[i, width - 1] - query_norms[i]
+            for j in range(c0, c1):
+                partial = bank_norms[j] - 2.0 * dots[i, j]
+                if partial >= limit or (exclude_offset >= 0 and bank_offset + j == exclude_offset + i):
+                    continue
+                d2 = max(query_norms[i] + partial, 0.0)
+                if d2 < dist[width - 1]:  # not always so after the clamp at 0
+                    _insert_sorted(dist, index, d2, bank_offset + j)
+                    limit = dist[width - 1] - query_norms[i]
 
 
 @njit(**PARALLEL_JIT_OPTIONS)

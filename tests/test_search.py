@@ -58,6 +58,17 @@ def test_knn_with_tiny_blocks_and_no_spare_candidates(case):
         assert_knn_exact(*case)
 
 
+@given(m=st.integers(_config.KNN_SCREEN_CHUNK + 1, 5 * _config.KNN_SCREEN_CHUNK), k=st.integers(1, 4),
+       exclude_self=st.booleans(), grid=st.sampled_from([1.0, 1e-3]), seed=st.integers(0, 2**16))
+def test_knn_rows_longer_than_one_screening_chunk(m, k, exclude_self, grid, seed):
+    """The merge counts and walks each row in chunks of KNN_SCREEN_CHUNK columns (a compile-time
+    constant, so not patched smaller): banks of several chunks, the last one partial, with ties."""
+    rng = np.random.default_rng(seed)
+    bank = (rng.integers(-2, 3, size=(m, 4)) * grid).astype(np.float32)
+    queries = bank if exclude_self else (rng.integers(-2, 3, size=(30, 4)) * grid).astype(np.float32)
+    assert_knn_exact(queries, bank, k, exclude_self)
+
+
 def test_knn_near_ties_that_float32_blas_cannot_separate():
     """|q|^2 is ~2.5e6, so float32 screening is off by ~0.1, far more than the exact squared
     distances 0.0256 (row 0) and 0.0001 (row 1): only the float64 refinement orders them right."""
