@@ -69,6 +69,7 @@ def main():
     import torch
 
     from npanomaly import kernels as K
+    from npanomaly.kernels.conv import im2col
     from npanomaly import nn, optim
 
     numba.set_num_threads(ARGS.threads)
@@ -77,10 +78,13 @@ def main():
     rng = np.random.default_rng(0)
     rows = []
 
-    def compare(name, ours, theirs):
+    def compare(name, ours, theirs, floor=None):
         t_ours, t_torch = median_time(ours, ARGS.repeats), median_time(theirs, ARGS.repeats)
         rows.append((name, t_ours, t_torch))
-        print(f"{name:<44} {t_ours * 1e3:9.2f} ms {t_torch * 1e3:9.2f} ms   {t_ours / t_torch:5.2f}x", flush=True)
+        line = f"{name:<44} {t_ours * 1e3:9.2f} ms {t_torch * 1e3:9.2f} ms   {t_ours / t_torch:5.2f}x"
+        if floor is not None:
+            line += f"   {median_time(floor, ARGS.repeats) / t_torch:5.2f}x"
+        print(line, flush=True)
 
     print(f"threads={ARGS.threads} batch={batch} repeats={ARGS.repeats} numpy={np.__version__} "
           f"numba={numba.__version__} torch={torch.__version__}")
@@ -88,7 +92,9 @@ def main():
         (imp0, cold), (imp1, warm) = compile_times()
         print(f"compile all layer kernels (float32+float64): cold {cold:.1f} s, cached {warm:.1f} s "
               f"(import {imp0:.1f} s / {imp1:.1f} s)")
-    print(f"{'case':<44} {'npanomaly':>12} {'torch':>12}   ratio")
+    print(f"{'case':<44} {'npanomaly':>12} {'torch':>12}   ratio   BLAS floor")
+    print("(BLAS floor: only the NumPy matrix products that the im2col lowering must make, on columns "
+          "unfolded beforehand, over torch's whole time; no im2col + NumPy-BLAS design beats it)")
 
     convs = [  # name, in, out, kernel, stride, pad, size
         ("seed conv1 3->64 k3 s2 @256", 3, 64, 3, 2, 1, 256),
@@ -120,8 +126,24 @@ def main():
             torch.ops.aten.convolution_backward(gt, xt, wt, [cout], [s, s], [p, p], [1, 1], False, [0, 0], 1,
                                                 [True, True, True])
 
-        compare(f"conv fwd  {name}", lambda: K.conv2d_forward(x, w, b, s, s, p, p), torch_forward)
-        compare(f"conv bwd  {name}", our_backward, torch_backward)
+        out_size = y.shape[2]
+        cols = np.empty((batch, cin * k * k, out_size * out_size), np.float32)
+        im2col(x, k, k, s, s, p, p, out_size, out_size, cols)
+        w2 = w.reshape(cout, -1)
+        g3 = g.reshape(batch, cout, -1)
+        products = np.empty((batch, cout, out_size * out_size), np.float32)
+        grad_cols, grad_w2 = np.empty_like(cols), np.empty_like(w2)
+
+        def forward_floor():
+            np.matmul(w2, cols, out=products)
+
+        def backward_floor():
+            np.matmul(w2.T, g3, out=grad_cols)
+            for image in range(batch):
+                np.matmul(g3[image], cols[image].T, out=grad_w2)
+
+        compare(f"conv fwd  {name}", lambda: K.conv2d_forward(x, w, b, s, s, p, p), torch_forward, forward_floor)
+        compare(f"conv bwd  {name}", our_backward, torch_backward, backward_floor)
 
     x = rng.standard_normal((batch, 128, 64, 64), dtype=np.float32)
     ones, zeros = np.ones(128, np.float32), np.zeros(128, np.float32)
