@@ -53,8 +53,43 @@ def main():
 
             t_ours = median_time(lambda: ours.features(images, [stage]), ARGS.repeats)
             t_torch = median_time(torch_run, ARGS.repeats)
+            t_floor = median_time(blas_floor(ours, images, stage), ARGS.repeats)
             print(f"{name:<19} up to {stage:<9} npanomaly {t_ours * 1e3:8.1f} ms  torch {t_torch * 1e3:8.1f} ms  "
-                  f"ratio {t_ours / t_torch:.2f}x", flush=True)
+                  f"ratio {t_ours / t_torch:.2f}x  BLAS floor {t_floor / t_torch:.2f}x", flush=True)
+    print("(BLAS floor: only the NumPy matrix products of the dense convolutions, on columns unfolded "
+          "beforehand, over torch's whole time: a lower bound for any im2col + NumPy-BLAS design)")
+
+
+def blas_floor(backbone, images, stage):
+    """A function that runs just the GEMMs backbone.features(images, [stage]) makes for its dense
+    convolutions (shapes recorded from one real pass), with nothing else: no unfolding, no batch
+    norm, no activations, no depthwise convolutions."""
+    from npanomaly import kernels
+    from npanomaly.kernels.conv import conv2d_output_size
+
+    shapes = []
+    real = kernels.conv2d_forward
+
+    def recording(x, weight, bias, stride_h, stride_w, pad_h, pad_w):
+        out_h = conv2d_output_size(x.shape[2], weight.shape[2], stride_h, pad_h)
+        out_w = conv2d_output_size(x.shape[3], weight.shape[3], stride_w, pad_w)
+        shapes.append((weight.shape[0], weight[0].size, x.shape[0], out_h * out_w))
+        return real(x, weight, bias, stride_h, stride_w, pad_h, pad_w)
+
+    kernels.conv2d_forward = recording
+    try:
+        backbone.features(images, [stage])
+    finally:
+        kernels.conv2d_forward = real
+    rng = np.random.default_rng(0)
+    operands = [(rng.random((out_channels, rows), np.float32), rng.random((batch, rows, positions), np.float32),
+                 np.empty((batch, out_channels, positions), np.float32))
+                for out_channels, rows, batch, positions in shapes]
+
+    def run():
+        for w2, cols, out in operands:
+            np.matmul(w2, cols, out=out)
+    return run
 
 
 def truncated_forward(twin, x, name, stage):

@@ -10,7 +10,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._config import PARALLEL_JIT_OPTIONS, REDUCTION_JIT_OPTIONS
-from .conv import _valid_outputs
+from .conv import U, _valid_outputs
 
 
 @njit(**PARALLEL_JIT_OPTIONS)
@@ -37,9 +37,10 @@ def depthwise_conv2d_forward(x, weight, bias, stride_h, stride_w, pad_h, pad_w):
                 ow_lo, ow_hi = _valid_outputs(out_w, width, stride_w, pad_w, j)
                 w = weight[c, 0, i, j]
                 for oh in range(oh_lo, oh_hi):
-                    ih = oh * stride_h - pad_h + i
+                    line = x[n, c, oh * stride_h - pad_h + i]
+                    out_line = plane[oh]
                     for ow in range(ow_lo, ow_hi):
-                        plane[oh, ow] += w * x[n, c, ih, ow * stride_w - pad_w + j]
+                        out_line[U(ow)] += w * line[U(ow * stride_w - pad_w + j)]
     return y
 
 
@@ -64,9 +65,10 @@ def depthwise_conv2d_backward_input(grad_out, weight, in_h, in_w, stride_h, stri
                 ow_lo, ow_hi = _valid_outputs(out_w, in_w, stride_w, pad_w, j)
                 w = weight[c, 0, i, j]
                 for oh in range(oh_lo, oh_hi):
-                    ih = oh * stride_h - pad_h + i
+                    line = plane[oh * stride_h - pad_h + i]
+                    grad_line = grad_out[n, c, oh]
                     for ow in range(ow_lo, ow_hi):
-                        plane[ih, ow * stride_w - pad_w + j] += w * grad_out[n, c, oh, ow]
+                        line[U(ow * stride_w - pad_w + j)] += w * grad_line[U(ow)]
     return grad_x
 
 
@@ -89,8 +91,9 @@ def depthwise_conv2d_backward_weight(grad_out, x, kernel_h, kernel_w, stride_h, 
                 total = 0.0
                 for n in range(batch):
                     for oh in range(oh_lo, oh_hi):
-                        ih = oh * stride_h - pad_h + i
+                        line = x[n, c, oh * stride_h - pad_h + i]
+                        grad_line = grad_out[n, c, oh]
                         for ow in range(ow_lo, ow_hi):
-                            total += grad_out[n, c, oh, ow] * x[n, c, ih, ow * stride_w - pad_w + j]
+                            total += grad_line[U(ow)] * line[U(ow * stride_w - pad_w + j)]
                 grad_weight[c, 0, i, j] = total
     return grad_weight
