@@ -41,7 +41,7 @@ from .pooling import (
     max_pool2d_forward,
     pool2d_output_size,
 )
-from .reduce import all_finite
+from .reduce import all_finite, squared_difference_loss
 from .resize import bilinear_resize, gaussian_blur, gaussian_kernel1d
 
 
@@ -76,6 +76,7 @@ __all__ = [
     "l2_normalize_channels_forward",
     "merge_block_candidates",
     "refine_candidates",
+    "squared_difference_loss",
     "squared_norms",
     "update_min_distances",
     "avg_pool2d_backward_input",

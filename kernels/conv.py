@@ -51,25 +51,42 @@ def im2col(x, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w
 
     Shapes: x [B, C, H, W] -> cols [B, C*kh*kw, out_h*out_w] (written in place).
     Math: cols[b, (c*kh + i)*kw + j, oh*out_w + ow] = x[b, c, oh*sh - ph + i, ow*sw - pw + j], or 0 outside.
-    Parallel: over (b, row) pairs; each iteration writes only its own row of cols.
+    Each plane is first split into its stride phases, phases[p, q, r, t] = x[b, c, r*sh + p, t*sw + q]
+    (for stride 1, a copy), so that every row of cols is filled by contiguous copies: the strided
+    gather of a stride-2 convolution does not vectorise, a copy does (measured: stride-2 unfolds
+    up to 2x faster, stride-1 unchanged).
+    Parallel: over (b, c) planes; each iteration writes only the kh*kw rows of its own channel.
     """
     batch, channels, height, width = x.shape
-    rows = channels * kernel_h * kernel_w
-    for job in prange(batch * rows):
-        b = job // rows
-        r = job % rows
-        c = r // (kernel_h * kernel_w)
-        i = (r // kernel_w) % kernel_h
-        j = r % kernel_w
-        row = cols[b, r]
-        row[:] = 0
-        oh_lo, oh_hi = _valid_outputs(out_h, height, stride_h, pad_h, i)
-        ow_lo, ow_hi = _valid_outputs(out_w, width, stride_w, pad_w, j)
-        for oh in range(oh_lo, oh_hi):
-            line = x[b, c, oh * stride_h - pad_h + i]
-            base = oh * out_w
-            for ow in range(ow_lo, ow_hi):
-                row[U(base + ow)] = line[U(ow * stride_w - pad_w + j)]
+    phase_h = (height + stride_h - 1) // stride_h
+    phase_w = (width + stride_w - 1) // stride_w
+    for job in prange(batch * channels):
+        b = job // channels
+        c = job % channels
+        phases = np.empty((stride_h, stride_w, phase_h, phase_w), dtype=x.dtype)
+        for h in range(height):
+            line = x[b, c, h]
+            for q in range(stride_w):
+                phase_line = phases[h % stride_h, q, h // stride_h]
+                for t in range((width - q + stride_w - 1) // stride_w):
+                    phase_line[U(t)] = line[U(t * stride_w + q)]
+        for i in range(kernel_h):
+            oh_lo, oh_hi = _valid_outputs(out_h, height, stride_h, pad_h, i)
+            for j in range(kernel_w):
+                ow_lo, ow_hi = _valid_outputs(out_w, width, stride_w, pad_w, j)
+                row = cols[b, (c * kernel_h + i) * kernel_w + j]
+                if oh_lo > 0 or oh_hi < out_h or ow_lo > 0 or ow_hi < out_w:
+                    row[:] = 0
+                # input column ow*sw - pw + j lies in phase q at position ow + shift
+                first = ow_lo * stride_w - pad_w + j
+                q = first % stride_w
+                shift = first // stride_w - ow_lo
+                for oh in range(oh_lo, oh_hi):
+                    ih = oh * stride_h - pad_h + i
+                    phase_line = phases[ih % stride_h, q, ih // stride_h]
+                    base = oh * out_w
+                    for ow in range(ow_lo, ow_hi):
+                        row[U(base + ow)] = phase_line[U(ow + shift)]
 
 
 @njit(**PARALLEL_JIT_OPTIONS)

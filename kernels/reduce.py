@@ -1,9 +1,9 @@
-"""Whole-array checks used at the public boundary."""
+"""Whole-array reductions: the finiteness check at the public boundary, and the squared-difference loss."""
 
 import numpy as np
 from numba import njit, prange
 
-from ._config import PARALLEL_JIT_OPTIONS
+from ._config import PARALLEL_JIT_OPTIONS, REDUCTION_JIT_OPTIONS
 
 
 @njit(**PARALLEL_JIT_OPTIONS)
@@ -19,3 +19,24 @@ def all_finite(x):
         if not np.isfinite(flat[i]):
             bad += 1
     return bad == 0
+
+
+@njit(**REDUCTION_JIT_OPTIONS)
+def squared_difference_loss(prediction, target, grad_scale):
+    """The sum of squared differences and its gradient, in one pass.
+
+    Shapes: prediction, target [...] C-contiguous, same shape -> (total float64, grad like prediction).
+    Math: total = sum (p - t)^2, accumulated in float64; grad = grad_scale * (p - t).
+    Gradient: d(scale/2 * total)/dp = scale * (p - t); with grad_scale = 2/n the gradient of the
+    mean squared difference, which Student-Teacher's loss is.
+    Parallel: over elements; numba gives each thread its own partial sum.
+    """
+    p = prediction.reshape(prediction.size)
+    t = target.reshape(target.size)
+    grad = np.empty_like(p)
+    total = 0.0
+    for i in prange(p.size):
+        diff = p[i] - t[i]
+        grad[i] = grad_scale * diff
+        total += np.float64(diff) * diff
+    return total, grad.reshape(prediction.shape)

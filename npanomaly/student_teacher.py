@@ -120,9 +120,10 @@ class StudentTeacher(Detector):
         grads = {}
         indices = self._student.indices(self.stages)
         if not self.multiscale:
-            diff = student_maps[0] - teacher_maps[0]
-            grads[indices[0]] = diff * np.float32(2.0 / diff.size)
-            return float(np.mean(np.square(diff, dtype=np.float64))), grads
+            student, teacher = (np.ascontiguousarray(m) for m in (student_maps[0], teacher_maps[0]))
+            total, grads[indices[0]] = kernels.squared_difference_loss(student, teacher,
+                                                                       student.dtype.type(2.0 / student.size))
+            return total / student.size, grads
         loss = 0.0
         for index, t, s in zip(indices, teacher_maps, student_maps):
             t_unit, _ = kernels.l2_normalize_channels_forward(t, NORMALIZE_EPS)

@@ -135,6 +135,18 @@ def test_patchcore_neighbourhood_average_counts_padding():
     assert K.avg_pool2d_forward(x, 3, 3, 1, 1, 1, 1, False)[0, 0, 0, 0] == pytest.approx(1.0)
 
 
+@given(shape=st.lists(st.integers(1, 7), min_size=1, max_size=4), scale=st.floats(-3, 3),
+       seed=st.integers(0, 2**16), dtype=st.sampled_from([np.float32, np.float64]))
+def test_squared_difference_loss_matches_numpy(shape, scale, seed, dtype):
+    rng = np.random.default_rng(seed)
+    p, t = (rng.standard_normal(shape).astype(dtype) for _ in range(2))
+    total, grad = K.squared_difference_loss(p, t, dtype(scale))
+    diff = (p - t).astype(np.float64)  # the difference in the input's precision, as the seed's loss
+    assert total == pytest.approx(float(np.sum(diff * diff)), rel=1e-12)
+    assert grad.dtype == dtype and grad.shape == p.shape
+    np.testing.assert_allclose(grad, scale * diff, rtol=1e-6 if dtype == np.float32 else 1e-12, atol=1e-30)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_all_finite(dtype):
     x = np.zeros((2, 3, 4, 5), dtype)

@@ -28,6 +28,7 @@ from .. import (  # noqa: F401  (CPU kernels without a twin: same table, same na
     merge_block_candidates,
     pool2d_output_size,
     refine_candidates,
+    squared_difference_loss,
     squared_norms,
 )
 from ._device import is_available, require  # noqa: F401
