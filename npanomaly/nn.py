@@ -296,7 +296,8 @@ class Conv2d(Module):
         total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
         return total // 2, total - total // 2
 
-    def _forward(self, x):
+    def _forward(self, x, weight=None, bias=None):
+        """The convolution; weight and bias replace the layer's own when given (a folded batch norm)."""
         height, width = x.shape[2:]
         pads, crop = self._padding, None
         if self._same:
@@ -307,8 +308,9 @@ class Conv2d(Module):
             else:  # asymmetric: pad explicitly, and remember where the image sits for backward
                 x = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
                 pads, crop = (0, 0), (slice(top, top + height), slice(left, left + width))
-        bias = None if self.bias is None else self.bias.data
-        y = self._convolve(x, self.weight.data, bias, pads)
+        if weight is None:
+            weight, bias = self.weight.data, (None if self.bias is None else self.bias.data)
+        y = self._convolve(x, weight, bias, pads)
         self._save(y, x, pads, crop)
         return y
 
@@ -411,6 +413,20 @@ class BatchNorm2d(Module):
         self.running_var = ((1.0 - factor) * self.running_var + factor * var * (count / (count - 1))).astype(dtype)
         self._save(y, x, mean, var)
         return y
+
+    def folded_into(self, conv):
+        """(weight, bias) of one convolution equal to conv followed by this batch norm in eval mode.
+
+        Math: bn(conv(x)) = s * (W * x + b - running_mean) + beta with s = gamma / sqrt(running_var + eps),
+        so W' = s[o] * W[o] and b' = s * (b - running_mean) + beta (s and b' computed in float64, W'
+        in the weight's dtype). Frozen networks run this way: one memory pass fewer per layer.
+        """
+        dtype = conv.weight.data.dtype
+        scale = self.weight.data / np.sqrt(self.running_var.astype(np.float64) + self.eps)
+        conv_bias = 0.0 if conv.bias is None else conv.bias.data.astype(np.float64)
+        weight = conv.weight.data * scale.astype(dtype).reshape(-1, 1, 1, 1)  # one pass, in the weight's dtype
+        bias = ((conv_bias - self.running_mean) * scale + self.bias.data).astype(dtype)
+        return weight, bias
 
     def _backward(self, grad_out, input_grad):
         x, mean, var = self._take_saved()
@@ -516,6 +532,23 @@ class AvgPool2d(_Pool2d):
                                                  *self._padding, self.count_include_pad)
 
 
+def _worth_folding(layer, following, x):
+    """Whether layer + following can run as one convolution on x, and whether that is cheaper.
+
+    Folding costs a pass over the weights on every call (recomputed, so it can never go stale);
+    the batch norm it replaces costs a pass over the output. Deep layers of small images have
+    more weights than outputs (ResNet-18's layer4 at 224: 2.4M weights, 25k outputs per image),
+    and there the batch norm is the cheaper one. The test counts one image's outputs, not the
+    batch's: folding changes the rounding, and an image's result must not depend on its batch.
+    """
+    if not (isinstance(layer, Conv2d) and isinstance(following, BatchNorm2d) and not layer.training
+            and not following.training and following.num_features == layer.out_channels
+            and following.weight.data.dtype == layer.weight.data.dtype):
+        return False
+    outputs_per_image = layer.out_channels * x.shape[2] * x.shape[3] // (layer._stride[0] * layer._stride[1])
+    return layer.weight.data.size < outputs_per_image
+
+
 class Sequential(Module):
     """Layers applied in order; backward runs them in reverse."""
 
@@ -544,11 +577,7 @@ class Sequential(Module):
         return self.layers[0]._check_input(x) if self.layers else check_array(x, "x", 4)
 
     def _forward(self, x):
-        # The input was checked for NaN once by forward(); between layers only the cheap structural
-        # checks run, so a mis-wired network still fails with a clear message.
-        for layer in self.layers:
-            x = layer._forward(layer._check_input(x))
-        return x
+        return self._run(x, len(self.layers), ())[0]
 
     def intermediate(self, x, indices):
         """The outputs of the layers at the given ascending indices, for feature extraction.
@@ -556,13 +585,32 @@ class Sequential(Module):
         Runs the network only as far as the last index asked for; x must already be a checked,
         finite batch (models check their images once at their own boundary).
         """
+        return self._run(x, max(indices) + 1, set(indices))[1]
+
+    def _run(self, x, stop, wanted):
+        """Apply layers [0, stop) to x; return (the last output, [outputs of the layers in wanted]).
+
+        A Conv2d followed by a BatchNorm2d, both in eval mode, runs as one convolution with the
+        batch norm folded into its weights (BatchNorm2d.folded_into), unless the convolution's own
+        output is wanted or the weights outnumber the outputs (_worth_folding): frozen backbones and teachers save a full read and write of every
+        feature map per layer. The input was checked for NaN once by forward(); between layers
+        only the cheap structural checks run, so a mis-wired network still fails clearly.
+        """
         outputs = []
-        wanted = set(indices)
-        for index, layer in enumerate(self.layers[: max(indices) + 1]):
-            x = layer._forward(layer._check_input(x))
+        index = 0
+        while index < stop:
+            layer = self.layers[index]
+            x = layer._check_input(x)
+            following = self.layers[index + 1] if index + 1 < stop else None
+            if index not in wanted and _worth_folding(layer, following, x):
+                x = layer._forward(x, *following.folded_into(layer))
+                index += 1
+            else:
+                x = layer._forward(x)
             if index in wanted:
                 outputs.append(x)
-        return outputs
+            index += 1
+        return x, outputs
 
     def backward(self, grad_out, input_grad=True):
         return self.backward_intermediate({len(self.layers) - 1: grad_out}, input_grad)

@@ -181,3 +181,49 @@ def test_cuda_without_a_gpu_is_one_clear_error():
         cuda.relu_forward(np.ones(3, np.float32))
     with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda'"):
         nn.ReLU().to_device("tpu")
+
+
+def _trained_statistics(bn, rng):
+    """Give a batch norm non-trivial affine parameters and running statistics."""
+    n = bn.num_features
+    bn.weight.data[:] = rng.uniform(0.5, 2.0, n)
+    bn.bias.data[:] = rng.standard_normal(n)
+    bn.running_mean[:] = rng.standard_normal(n)
+    bn.running_var[:] = rng.uniform(0.1, 3.0, n)
+    return bn
+
+
+@given(bias=st.booleans(), groups=st.sampled_from([1, 2, 4]), seed=st.integers(0, 2**16))
+def test_eval_conv_batchnorm_pairs_run_folded_and_equal_the_two_layers(bias, groups, seed):
+    """Sequential folds an eval Conv2d + BatchNorm2d pair into one convolution: in float64 the result
+    equals running the layers one by one; a wanted convolution output is never folded away."""
+    rng = np.random.default_rng(seed)
+    net = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=bias, groups=groups, seed=seed),
+                        _trained_statistics(nn.BatchNorm2d(4), rng), nn.ReLU(),
+                        nn.Conv2d(4, 6, 1, seed=seed + 1), _trained_statistics(nn.BatchNorm2d(6), rng)).to(np.float64)
+    net.eval()
+    x = rng.standard_normal((2, 4, 8, 9))  # more outputs per image than weights: folding pays
+    step_by_step = [x]
+    for layer in net.layers:
+        step_by_step.append(layer._forward(step_by_step[-1]))
+    calls = []
+    for bn in (net.layers[1], net.layers[4]):
+        bn._forward = lambda x, bn=bn: calls.append(bn) or type(bn)._forward(bn, x)
+    np.testing.assert_allclose(net(x), step_by_step[-1], rtol=1e-12, atol=1e-12)
+    assert calls == []  # both pairs ran as one convolution each
+    conv_out, bn_out = net.intermediate(x, [0, 1])
+    np.testing.assert_array_equal(conv_out, step_by_step[1])  # the unfolded convolution itself
+    np.testing.assert_allclose(bn_out, step_by_step[2], rtol=1e-12, atol=1e-12)
+    net.train()  # batch statistics: no folding, and the result differs from the eval one
+    assert not np.allclose(net(x), step_by_step[-1])
+
+
+def test_batchnorm_is_not_folded_where_the_weights_outnumber_an_images_outputs():
+    rng = np.random.default_rng(0)
+    net = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, seed=0), _trained_statistics(nn.BatchNorm2d(8), rng)).eval()
+    calls = []
+    net.layers[1]._forward = lambda x: calls.append(x) or nn.BatchNorm2d._forward(net.layers[1], x)
+    x = rng.standard_normal((16, 8, 2, 2)).astype(np.float32)  # 576 weights, 32 outputs per image
+    y = net(x)
+    assert len(calls) == 1
+    np.testing.assert_array_equal(y[:1], net(x[:1]))
