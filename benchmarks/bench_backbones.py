@@ -53,27 +53,29 @@ def main():
 
             t_ours = median_time(lambda: ours.features(images, [stage]), ARGS.repeats)
             t_torch = median_time(torch_run, ARGS.repeats)
-            t_floor = median_time(blas_floor(ours, images, stage), ARGS.repeats)
+            products, unfold_and_products = floors(ours, images, stage)
+            t_blas = median_time(products, ARGS.repeats)
+            t_unfold = median_time(unfold_and_products, ARGS.repeats)
             print(f"{name:<19} up to {stage:<9} npanomaly {t_ours * 1e3:8.1f} ms  torch {t_torch * 1e3:8.1f} ms  "
-                  f"ratio {t_ours / t_torch:.2f}x  BLAS floor {t_floor / t_torch:.2f}x", flush=True)
-    print("(BLAS floor: only the NumPy matrix products of the dense convolutions, on columns unfolded "
-          "beforehand, over torch's whole time: a lower bound for any im2col + NumPy-BLAS design)")
+                  f"ratio {t_ours / t_torch:.2f}x  floors: BLAS {t_blas / t_torch:.2f}x, "
+                  f"+ im2col {t_unfold / t_torch:.2f}x", flush=True)
+    print("(floors: only the NumPy matrix products of the dense convolutions, then those plus the im2col "
+          "unfolding they need, over torch's whole time: lower bounds for any im2col + NumPy-BLAS design)")
 
 
-def blas_floor(backbone, images, stage):
-    """A function that runs just the GEMMs backbone.features(images, [stage]) makes for its dense
-    convolutions (shapes recorded from one real pass), with nothing else: no unfolding, no batch
-    norm, no activations, no depthwise convolutions."""
+def floors(backbone, images, stage):
+    """Two functions: the GEMMs backbone.features(images, [stage]) makes for its dense convolutions
+    (shapes recorded from one real pass) with nothing else, and the same plus the im2col unfolding
+    of every convolution that needs one (into buffers allocated beforehand). No batch norm, no
+    activations, no depthwise convolutions: both are lower bounds for an im2col + NumPy-BLAS design."""
     from npanomaly import kernels
-    from npanomaly.kernels.conv import conv2d_output_size
+    from npanomaly.kernels.conv import conv2d_output_size, im2col
 
-    shapes = []
+    recorded = []
     real = kernels.conv2d_forward
 
     def recording(x, weight, bias, stride_h, stride_w, pad_h, pad_w):
-        out_h = conv2d_output_size(x.shape[2], weight.shape[2], stride_h, pad_h)
-        out_w = conv2d_output_size(x.shape[3], weight.shape[3], stride_w, pad_w)
-        shapes.append((weight.shape[0], weight[0].size, x.shape[0], out_h * out_w))
+        recorded.append((x.copy(), weight.shape, stride_h, stride_w, pad_h, pad_w))
         return real(x, weight, bias, stride_h, stride_w, pad_h, pad_w)
 
     kernels.conv2d_forward = recording
@@ -82,14 +84,28 @@ def blas_floor(backbone, images, stage):
     finally:
         kernels.conv2d_forward = real
     rng = np.random.default_rng(0)
-    operands = [(rng.random((out_channels, rows), np.float32), rng.random((batch, rows, positions), np.float32),
-                 np.empty((batch, out_channels, positions), np.float32))
-                for out_channels, rows, batch, positions in shapes]
+    layers = []
+    for x, (out_channels, channels, kernel_h, kernel_w), stride_h, stride_w, pad_h, pad_w in recorded:
+        out_h = conv2d_output_size(x.shape[2], kernel_h, stride_h, pad_h)
+        out_w = conv2d_output_size(x.shape[3], kernel_w, stride_w, pad_w)
+        rows, batch = channels * kernel_h * kernel_w, x.shape[0]
+        pointwise = kernel_h == kernel_w == stride_h == stride_w == 1 and pad_h == pad_w == 0
+        cols = np.empty((batch, rows, out_h * out_w), np.float32)
+        cols[...] = rng.random(cols.shape[1:], np.float32)
+        unfold = None if pointwise else (x, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, cols)
+        layers.append((rng.random((out_channels, rows), np.float32), cols,
+                       np.empty((batch, out_channels, out_h * out_w), np.float32), unfold))
 
-    def run():
-        for w2, cols, out in operands:
+    def products():
+        for w2, cols, out, _ in layers:
             np.matmul(w2, cols, out=out)
-    return run
+
+    def unfold_and_products():
+        for w2, cols, out, unfold in layers:
+            if unfold is not None:
+                im2col(*unfold)
+            np.matmul(w2, cols, out=out)
+    return products, unfold_and_products
 
 
 def truncated_forward(twin, x, name, stage):
