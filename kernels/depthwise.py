@@ -14,17 +14,18 @@ from .conv import U, _valid_outputs
 
 
 @njit(**PARALLEL_JIT_OPTIONS)
-def depthwise_conv2d_forward(x, weight, bias, stride_h, stride_w, pad_h, pad_w):
+def depthwise_conv2d_forward(x, weight, bias, stride_h, stride_w, pad_h, pad_w, out_h, out_w):
     """Each channel cross-correlated with its own filter.
 
-    Shapes: x [N, C, H, W], weight [C, 1, kh, kw], bias [C] (zeros for none) -> y [N, C, Ho, Wo].
-    Math: y[n, c, oh, ow] = bias[c] + sum_{i,j} weight[c, 0, i, j] * x[n, c, oh*sh - ph + i, ow*sw - pw + j].
+    Shapes: x [N, C, H, W], weight [C, 1, kh, kw], bias [C] (zeros for none) -> y [N, C, out_h, out_w].
+    Math: y[n, c, oh, ow] = bias[c] + sum_{i,j} weight[c, 0, i, j] * x[n, c, oh*sh - ph + i, ow*sw - pw + j]
+          (x taken as 0 outside the image). pad_h/pad_w are the zeros before the image; the output
+          size is given, so the zeros after it may differ (TensorFlow's asymmetric "same" padding
+          needs no padded copy of the input). Symmetric padding: out = (H + 2*ph - kh) // sh + 1.
     Parallel: over (n, c) planes.
     """
     batch, channels, height, width = x.shape
     kernel_h, kernel_w = weight.shape[2], weight.shape[3]
-    out_h = (height + 2 * pad_h - kernel_h) // stride_h + 1
-    out_w = (width + 2 * pad_w - kernel_w) // stride_w + 1
     y = np.empty((batch, channels, out_h, out_w), dtype=x.dtype)
     for job in prange(batch * channels):
         n = job // channels

@@ -303,9 +303,10 @@ class Conv2d(Module):
         if self._same:
             (top, bottom), (left, right) = (self._same_padding(n, k, s) for n, k, s in
                                             zip(x.shape[2:], self.kernel_size, self._stride))
-            if top == bottom and left == right:
-                pads = (top, left)
-            else:  # asymmetric: pad explicitly, and remember where the image sits for backward
+            pads = (top, left)
+            if (top != bottom or left != right) and not self._depthwise():
+                # asymmetric: pad explicitly, and remember where the image sits for backward (the
+                # depthwise kernel takes the output size instead and needs no padded copy)
                 x = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
                 pads, crop = (0, 0), (slice(top, top + height), slice(left, left + width))
         if weight is None:
@@ -326,7 +327,9 @@ class Conv2d(Module):
             return self.kernels.conv2d_forward(x, weight, bias, *self._stride, *pads)
         if self._depthwise():
             zeros = np.zeros(self.out_channels, x.dtype) if bias is None else bias
-            return self.kernels.depthwise_conv2d_forward(x, weight, zeros, *self._stride, *pads)
+            out_size = [-(-n // s) if self._same else kernels.conv2d_output_size(n, k, s, p) for n, k, s, p in
+                        zip(x.shape[2:], self.kernel_size, self._stride, pads)]
+            return self.kernels.depthwise_conv2d_forward(x, weight, zeros, *self._stride, *pads, *out_size)
         return np.concatenate([self.kernels.conv2d_forward(np.ascontiguousarray(x[:, gi]), weight[go],
                                                       None if bias is None else bias[go], *self._stride, *pads)
                                for gi, go in self._group_slices()], axis=1)

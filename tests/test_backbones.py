@@ -147,6 +147,27 @@ def test_depthwise_and_grouped_conv_match_the_reference():
         np.testing.assert_allclose(conv(x), expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("groups", [1, 6])
+@pytest.mark.parametrize("size,kernel", [((8, 7), 3), ((9, 10), 5), ((6, 6), 3)])
+def test_same_padding_matches_the_reference_on_an_explicitly_padded_input(groups, size, kernel):
+    """TensorFlow's 'same' at stride 2: zeros split (before, after) = (t // 2, t - t // 2). The
+    depthwise kernel takes the output size instead of a padded copy; both paths must agree with
+    the plain reference run on the padded input."""
+    x = random_array(7, (2, 6) + size)
+    conv = nn.Conv2d(6, 6, kernel, stride=2, padding="same", groups=groups, seed=7).to(np.float64)
+    pads = []
+    for n in size:
+        total = max((-(-n // 2) - 1) * 2 + kernel - n, 0)
+        pads.append((total // 2, total - total // 2))
+    padded = np.pad(x, ((0, 0), (0, 0), *pads))
+    per = 6 // groups
+    w, b = conv.weight.data, conv.bias.data
+    expected = np.concatenate([ref.conv2d(padded[:, g * per:(g + 1) * per], w[g * per:(g + 1) * per],
+                                          b[g * per:(g + 1) * per], (2, 2), (0, 0)) for g in range(groups)], axis=1)
+    assert expected.shape[2:] == tuple(-(-n // 2) for n in size)
+    np.testing.assert_allclose(conv(x), expected, rtol=1e-12, atol=1e-12)
+
+
 def test_relu6_residual_and_resnet_block_gradients():
     x = random_array(7, (2, 3, 5, 5)) * 8  # spans both kinks of ReLU6
     x[np.abs(x) < 0.1] = 1.0
