@@ -132,7 +132,7 @@ def main():
         w2 = w.reshape(cout, -1)
         g3 = g.reshape(batch, cout, -1)
         products = np.empty((batch, cout, out_size * out_size), np.float32)
-        grad_cols, grad_w2 = np.empty_like(cols), np.empty_like(w2)
+        grad_cols, grad_w2t = np.empty_like(cols), np.empty_like(w2.T)
 
         def forward_floor():
             np.matmul(w2, cols, out=products)
@@ -140,7 +140,7 @@ def main():
         def backward_floor():
             np.matmul(w2.T, g3, out=grad_cols)
             for image in range(batch):
-                np.matmul(g3[image], cols[image].T, out=grad_w2)
+                np.matmul(cols[image], g3[image].T, out=grad_w2t)
 
         compare(f"conv fwd  {name}", lambda: K.conv2d_forward(x, w, b, s, s, p, p), torch_forward, forward_floor)
         compare(f"conv bwd  {name}", our_backward, torch_backward, backward_floor)

@@ -261,10 +261,12 @@ def conv2d_backward_weight(grad_out, x, kernel_h, kernel_w, stride_h, stride_w, 
     channels = x.shape[1]
     rows = channels * kernel_h * kernel_w
     g = grad_out.reshape(batch, out_channels, out_h * out_w)
-    grad_w2 = np.zeros((out_channels, rows), dtype=grad_out.dtype)
-    partial = np.empty_like(grad_w2)
+    # Accumulated transposed, (dL/dW2)^T = sum_n cols[n] @ dL/dy[n]^T: OpenBLAS runs this
+    # orientation 35% faster for first layers (27 rows, 16k positions) and within 5% elsewhere.
+    grad_w2t = np.zeros((rows, out_channels), dtype=grad_out.dtype)
+    partial = np.empty_like(grad_w2t)
     for start, stop, cols in _unfolded_chunks(x, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w):
         for b in range(stop - start):
-            np.matmul(g[start + b], cols[b].T, out=partial)
-            grad_w2 += partial
-    return grad_w2.reshape(out_channels, channels, kernel_h, kernel_w)
+            np.matmul(cols[b], g[start + b].T, out=partial)
+            grad_w2t += partial
+    return np.ascontiguousarray(grad_w2t.T).reshape(out_channels, channels, kernel_h, kernel_w)
