@@ -35,3 +35,21 @@ def test_wheel_installs_kernels_as_npanomaly_kernels(tmp_path):
     kernels_file, value = result.stdout.split()
     assert Path(kernels_file).is_relative_to(site)
     assert float(value) == 9.0
+
+
+def _environment_after_import(preset):
+    """OPENBLAS_THREAD_TIMEOUT and GOMP_SPINCOUNT as a fresh interpreter sees them after `import npanomaly`."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_THREAD_TIMEOUT", "GOMP_SPINCOUNT")}
+    env.update(preset)
+    code = "import os, npanomaly; print(os.environ.get('OPENBLAS_THREAD_TIMEOUT'), os.environ.get('GOMP_SPINCOUNT'))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    return out.split()
+
+
+def test_import_shortens_the_thread_pools_spin_unless_the_user_chose():
+    """Both settings are read when their library loads, so npanomaly sets defaults at import (see
+    README, Speed); values the user set are kept."""
+    assert _environment_after_import({}) == ["4", "10000"]
+    assert _environment_after_import({"OPENBLAS_THREAD_TIMEOUT": "12", "GOMP_SPINCOUNT": "0"}) == ["12", "0"]
