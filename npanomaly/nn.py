@@ -595,9 +595,10 @@ class Sequential(Module):
 
         A Conv2d followed by a BatchNorm2d, both in eval mode, runs as one convolution with the
         batch norm folded into its weights (BatchNorm2d.folded_into), unless the convolution's own
-        output is wanted or the weights outnumber the outputs (_worth_folding): frozen backbones and teachers save a full read and write of every
-        feature map per layer. The input was checked for NaN once by forward(); between layers
-        only the cheap structural checks run, so a mis-wired network still fails clearly.
+        output is wanted or the weights outnumber the outputs (_worth_folding): frozen backbones
+        and teachers save a full read and write of every feature map per layer. The input was
+        checked for NaN once by forward(); between layers only the cheap structural checks run, so
+        a mis-wired network still fails clearly.
         """
         outputs = []
         index = 0
