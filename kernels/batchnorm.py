@@ -13,14 +13,15 @@ from ._config import PARALLEL_JIT_OPTIONS, REDUCTION_JIT_OPTIONS
 
 
 @njit(**REDUCTION_JIT_OPTIONS)
-def batchnorm2d_train_forward(x, weight, bias, eps):
-    """Normalise with the batch's own statistics (training mode).
+def batchnorm2d_train_forward(x, weight, bias, eps, lower=-np.inf, upper=np.inf):
+    """Normalise with the batch's own statistics (training mode), optionally then a ReLU.
 
     Shapes: x [N, C, H, W], weight [C], bias [C] -> (y [N, C, H, W], batch_mean [C], batch_var [C]), statistics in float64.
     Math: mean_c = (1/M) sum x,  var_c = (1/M) sum (x - mean_c)^2  (biased, as torch normalises with),
           y = (x - mean_c) / sqrt(var_c + eps) * weight_c + bias_c.
           The sums run on x minus the channel's first value, which keeps the one-pass variance
-          exact to float64 rounding however large the mean is.
+          exact to float64 rounding however large the mean is. y is then clamped as
+          conv.add_channel_bias does ((0, inf): a fused ReLU; (-inf, inf): none).
     Parallel: over channels; each iteration reads and writes only its own channel.
     """
     batch, channels, height, width = x.shape
@@ -48,18 +49,20 @@ def batchnorm2d_train_forward(x, weight, bias, eps):
         for n in range(batch):
             for h in range(height):
                 for w in range(width):
-                    y[n, c, h, w] = x[n, c, h, w] * scale + offset
+                    v = x[n, c, h, w] * scale + offset
+                    y[n, c, h, w] = min(v, upper) if v > lower else lower
         batch_mean[c] = mean
         batch_var[c] = var
     return y, batch_mean, batch_var
 
 
 @njit(**PARALLEL_JIT_OPTIONS)
-def batchnorm2d_eval_forward(x, weight, bias, running_mean, running_var, eps):
-    """Normalise with stored running statistics (evaluation mode): a per-channel affine map.
+def batchnorm2d_eval_forward(x, weight, bias, running_mean, running_var, eps, lower=-np.inf, upper=np.inf):
+    """Normalise with stored running statistics (evaluation mode): a per-channel affine map, optionally then a ReLU.
 
     Shapes: x [N, C, H, W], weight, bias, running_mean, running_var [C] -> y [N, C, H, W].
-    Math: y = (x - running_mean_c) / sqrt(running_var_c + eps) * weight_c + bias_c.
+    Math: y = (x - running_mean_c) / sqrt(running_var_c + eps) * weight_c + bias_c, clamped as
+          conv.add_channel_bias does ((0, inf): a fused ReLU; (-inf, inf): none).
     Parallel: over (n, c) planes, which are disjoint.
     """
     batch, channels, height, width = x.shape
@@ -71,20 +74,26 @@ def batchnorm2d_eval_forward(x, weight, bias, running_mean, running_var, eps):
         offset = bias[c] - running_mean[c] * scale
         for h in range(height):
             for w in range(width):
-                y[n, c, h, w] = x[n, c, h, w] * scale + offset
+                v = x[n, c, h, w] * scale + offset
+                y[n, c, h, w] = min(v, upper) if v > lower else lower
     return y
 
 
 @njit(**REDUCTION_JIT_OPTIONS)
-def batchnorm2d_backward(grad_out, x, weight, batch_mean, batch_var, eps):
-    """Gradients of training-mode batch norm with respect to its input, weight and bias.
+def batchnorm2d_backward(grad_out, x, weight, batch_mean, batch_var, eps, activated, lower, upper):
+    """Gradients of training-mode batch norm (and a ReLU fused after it) with respect to its input, weight and bias.
 
-    Shapes: grad_out, x [N, C, H, W]; weight [C]; batch_mean, batch_var [C] float64
+    Shapes: grad_out, x, activated [N, C, H, W]; weight [C]; batch_mean, batch_var [C] float64
             -> (grad_x [N, C, H, W], grad_weight [C], grad_bias [C]).
-    Gradient: with xhat = (x - mean_c) * inv_std_c and inv_std_c = 1 / sqrt(var_c + eps),
+    Gradient: grad_out is dL/d(clamped output) of batchnorm2d_train_forward(..., lower, upper) and
+              activated that output; the clamp passes the gradient where lower < activated < upper
+              (relu_backward_input's rule), so dy = grad_out there and 0 elsewhere. Then with
+              xhat = (x - mean_c) * inv_std_c and inv_std_c = 1 / sqrt(var_c + eps),
               dL/dbias_c = sum dy,  dL/dweight_c = sum dy * xhat,
               dL/dx = weight_c * inv_std_c / M * (M*dy - sum dy - xhat * sum dy*xhat),
               the last term carrying the dependence of mean and var on every x of the channel.
+              Without a fused ReLU, pass (-inf, inf) and grad_out itself as activated: every
+              finite value passes, and no other array is read.
     Parallel: over channels; each iteration reads and writes only its own channel.
     """
     batch, channels, height, width = x.shape
@@ -100,7 +109,7 @@ def batchnorm2d_backward(grad_out, x, weight, batch_mean, batch_var, eps):
         for n in range(batch):
             for h in range(height):
                 for w in range(width):
-                    dy = np.float64(grad_out[n, c, h, w])
+                    dy = np.float64(grad_out[n, c, h, w]) if lower < activated[n, c, h, w] < upper else 0.0
                     sum_dy += dy
                     sum_dy_xhat += dy * (x[n, c, h, w] - mean) * inv_std
         scale = weight[c] * inv_std
@@ -110,7 +119,8 @@ def batchnorm2d_backward(grad_out, x, weight, batch_mean, batch_var, eps):
             for h in range(height):
                 for w in range(width):
                     xhat = (x[n, c, h, w] - mean) * inv_std
-                    grad_x[n, c, h, w] = scale * (grad_out[n, c, h, w] - mean_dy - xhat * mean_dy_xhat)
+                    dy = grad_out[n, c, h, w] if lower < activated[n, c, h, w] < upper else 0.0
+                    grad_x[n, c, h, w] = scale * (dy - mean_dy - xhat * mean_dy_xhat)
         grad_weight[c] = sum_dy_xhat
         grad_bias[c] = sum_dy
     return grad_x, grad_weight, grad_bias

@@ -133,10 +133,13 @@ def col2im_add(cols, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h
 
 
 @njit(**PARALLEL_JIT_OPTIONS)
-def add_channel_bias(y, bias):
-    """y[n, o, :] += bias[o], in place.
+def add_channel_bias(y, bias, lower, upper):
+    """y[n, o, :] = clamp(y[n, o, :] + bias[o]), in place: the bias and, fused with it, a ReLU.
 
     Shapes: y [N, O, P], bias [O].
+    Math: v = y + bias[o]; y = min(v, upper) if v > lower else lower. (lower, upper) = (-inf, inf)
+          is the plain bias, (0, inf) a ReLU and (0, 6) a ReLU6, written as relu_forward writes
+          them, so bias-then-ReLU in one pass is bit-identical to the two passes.
     Parallel: over (n, o) rows, which are disjoint.
     """
     batch, out_channels, positions = y.shape
@@ -144,7 +147,8 @@ def add_channel_bias(y, bias):
         o = job % out_channels
         row = y[job // out_channels, o]
         for p in range(positions):
-            row[p] += bias[o]
+            v = row[p] + bias[o]
+            row[p] = min(v, upper) if v > lower else lower
 
 
 @njit(**REDUCTION_JIT_OPTIONS)
@@ -198,12 +202,14 @@ def _unfolded_chunks(x, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, ou
         yield start, stop, part
 
 
-def conv2d_forward(x, weight, bias, stride_h, stride_w, pad_h, pad_w):
-    """Cross-correlate a batch with a filter bank, as torch.nn.functional.conv2d.
+def conv2d_forward(x, weight, bias, stride_h, stride_w, pad_h, pad_w, lower=-np.inf, upper=np.inf):
+    """Cross-correlate a batch with a filter bank, as torch.nn.functional.conv2d, optionally then a ReLU.
 
     Shapes: x [N, C, H, W], weight [O, C, kh, kw], bias [O] or None -> y [N, O, Ho, Wo].
     Math: y[n, o, oh, ow] = bias[o] + sum_{c,i,j} weight[o, c, i, j] * x[n, c, oh*sh - ph + i, ow*sw - pw + j]
-          (x taken as 0 outside the image), computed per image as W2 @ im2col(x[n]).
+          (x taken as 0 outside the image), computed per image as W2 @ im2col(x[n]); then clamped
+          as add_channel_bias does: (lower, upper) = (0, inf) fuses a following ReLU into the
+          bias pass, which saves the ReLU's own read and write of the output.
     Parallel: im2col over (image, row); the GEMM inside BLAS; the bias over (image, channel).
     """
     batch, channels, height, width = x.shape
@@ -215,8 +221,8 @@ def conv2d_forward(x, weight, bias, stride_h, stride_w, pad_h, pad_w):
     y = np.empty((batch, out_channels, positions), dtype=x.dtype)
     for start, stop, cols in _unfolded_chunks(x, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w):
         np.matmul(w2, cols, out=y[start:stop])
-    if bias is not None:
-        add_channel_bias(y, bias)
+    if bias is not None or lower > -np.inf or upper < np.inf:
+        add_channel_bias(y, np.zeros(out_channels, y.dtype) if bias is None else bias, lower, upper)
     return y.reshape(batch, out_channels, out_h, out_w)
 
 

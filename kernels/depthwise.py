@@ -14,14 +14,17 @@ from .conv import U, _valid_outputs
 
 
 @njit(**PARALLEL_JIT_OPTIONS)
-def depthwise_conv2d_forward(x, weight, bias, stride_h, stride_w, pad_h, pad_w, out_h, out_w):
-    """Each channel cross-correlated with its own filter.
+def depthwise_conv2d_forward(x, weight, bias, stride_h, stride_w, pad_h, pad_w, out_h, out_w, lower=-np.inf,
+                             upper=np.inf):
+    """Each channel cross-correlated with its own filter, optionally then a ReLU.
 
     Shapes: x [N, C, H, W], weight [C, 1, kh, kw], bias [C] (zeros for none) -> y [N, C, out_h, out_w].
     Math: y[n, c, oh, ow] = bias[c] + sum_{i,j} weight[c, 0, i, j] * x[n, c, oh*sh - ph + i, ow*sw - pw + j]
           (x taken as 0 outside the image). pad_h/pad_w are the zeros before the image; the output
           size is given, so the zeros after it may differ (TensorFlow's asymmetric "same" padding
           needs no padded copy of the input). Symmetric padding: out = (H + 2*ph - kh) // sh + 1.
+          Then each plane, still in cache, is clamped as conv.add_channel_bias does ((0, inf): ReLU,
+          (0, 6): ReLU6; (-inf, inf): nothing).
     Parallel: over (n, c) planes.
     """
     batch, channels, height, width = x.shape
@@ -42,6 +45,12 @@ def depthwise_conv2d_forward(x, weight, bias, stride_h, stride_w, pad_h, pad_w, 
                     out_line = plane[oh]
                     for ow in range(ow_lo, ow_hi):
                         out_line[U(ow)] += w * line[U(ow * stride_w - pad_w + j)]
+        if lower > -np.inf or upper < np.inf:
+            for oh in range(out_h):
+                out_line = plane[oh]
+                for ow in range(out_w):
+                    v = out_line[U(ow)]
+                    out_line[U(ow)] = min(v, upper) if v > lower else lower
     return y
 
 

@@ -116,6 +116,10 @@ class Module:
             self._saved_output_shape = output.shape
             self._saved_output_dtype = output.dtype
 
+    def _takes_activation(self):
+        """Whether _forward(x, ..., lower, upper) can fuse a following ReLU (see Sequential._fused_activation)."""
+        return False
+
     def _take_saved(self):
         """Hand the saved tensors to backward and forget them."""
         saved, self._saved = self._saved, None
@@ -296,8 +300,12 @@ class Conv2d(Module):
         total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
         return total // 2, total - total // 2
 
-    def _forward(self, x, weight=None, bias=None):
-        """The convolution; weight and bias replace the layer's own when given (a folded batch norm)."""
+    def _forward(self, x, weight=None, bias=None, lower=-np.inf, upper=np.inf):
+        """The convolution; weight and bias replace the layer's own when given (a folded batch norm).
+
+        (lower, upper) = (0, upper) fuses a following ReLU into the output pass (evaluation mode
+        only, for dense and depthwise convolutions: Sequential decides, see _fused_activation).
+        """
         height, width = x.shape[2:]
         pads, crop = self._padding, None
         if self._same:
@@ -311,7 +319,7 @@ class Conv2d(Module):
                 pads, crop = (0, 0), (slice(top, top + height), slice(left, left + width))
         if weight is None:
             weight, bias = self.weight.data, (None if self.bias is None else self.bias.data)
-        y = self._convolve(x, weight, bias, pads)
+        y = self._convolve(x, weight, bias, pads, lower, upper)
         self._save(y, x, pads, crop)
         return y
 
@@ -322,14 +330,19 @@ class Conv2d(Module):
         c_in, c_out = self.in_channels // self.groups, self.out_channels // self.groups
         return [(slice(g * c_in, (g + 1) * c_in), slice(g * c_out, (g + 1) * c_out)) for g in range(self.groups)]
 
-    def _convolve(self, x, weight, bias, pads):
+    def _takes_activation(self):
+        """Whether _forward can fuse a ReLU (the dense and depthwise kernels can; grouped ones are concatenated)."""
+        return self.groups == 1 or self._depthwise()
+
+    def _convolve(self, x, weight, bias, pads, lower, upper):
         if self.groups == 1:
-            return self.kernels.conv2d_forward(x, weight, bias, *self._stride, *pads)
+            return self.kernels.conv2d_forward(x, weight, bias, *self._stride, *pads, lower, upper)
         if self._depthwise():
             zeros = np.zeros(self.out_channels, x.dtype) if bias is None else bias
             out_size = [-(-n // s) if self._same else kernels.conv2d_output_size(n, k, s, p) for n, k, s, p in
                         zip(x.shape[2:], self.kernel_size, self._stride, pads)]
-            return self.kernels.depthwise_conv2d_forward(x, weight, zeros, *self._stride, *pads, *out_size)
+            return self.kernels.depthwise_conv2d_forward(x, weight, zeros, *self._stride, *pads, *out_size, lower,
+                                                         upper)
         return np.concatenate([self.kernels.conv2d_forward(np.ascontiguousarray(x[:, gi]), weight[go],
                                                       None if bias is None else bias[go], *self._stride, *pads)
                                for gi, go in self._group_slices()], axis=1)
@@ -403,19 +416,26 @@ class BatchNorm2d(Module):
             )
         return x
 
-    def _forward(self, x):
+    def _forward(self, x, lower=-np.inf, upper=np.inf):
+        """Normalise x; (lower, upper) = (0, upper) fuses a following ReLU (Sequential decides)."""
         if not self.training:
             return self.kernels.batchnorm2d_eval_forward(x, self.weight.data, self.bias.data, self.running_mean,
-                                                    self.running_var, self.eps)
-        y, mean, var = self.kernels.batchnorm2d_train_forward(x, self.weight.data, self.bias.data, self.eps)
+                                                         self.running_var, self.eps, lower, upper)
+        y, mean, var = self.kernels.batchnorm2d_train_forward(x, self.weight.data, self.bias.data, self.eps, lower,
+                                                              upper)
         self.num_batches_tracked = np.int64(self.num_batches_tracked + 1)
         factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         count = x.shape[0] * x.shape[2] * x.shape[3]
         dtype = self.running_mean.dtype
         self.running_mean = ((1.0 - factor) * self.running_mean + factor * mean).astype(dtype)
         self.running_var = ((1.0 - factor) * self.running_var + factor * var * (count / (count - 1))).astype(dtype)
-        self._save(y, x, mean, var)
+        # the output is kept only when a ReLU is fused: backward needs it to know where the gradient passes
+        fused = lower > -np.inf or upper < np.inf
+        self._save(y, x, mean, var, y if fused else None, lower, upper)
         return y
+
+    def _takes_activation(self):
+        return True
 
     def folded_into(self, conv):
         """(weight, bias) of one convolution equal to conv followed by this batch norm in eval mode.
@@ -432,9 +452,12 @@ class BatchNorm2d(Module):
         return weight, bias
 
     def _backward(self, grad_out, input_grad):
-        x, mean, var = self._take_saved()
+        x, mean, var, activated, lower, upper = self._take_saved()
+        # without a fused ReLU every finite gradient passes the (-inf, inf) test; grad_out stands
+        # in for the output so that no other array is read
+        activated = grad_out if activated is None else activated
         grad_x, grad_weight, grad_bias = self.kernels.batchnorm2d_backward(grad_out, x, self.weight.data, mean, var,
-                                                                      self.eps)
+                                                                           self.eps, activated, lower, upper)
         self.weight.accumulate(grad_weight)
         self.bias.accumulate(grad_bias)
         return grad_x if input_grad else None
@@ -458,9 +481,16 @@ class ReLU(Module):
         self._save(y, y)
         return y
 
+    def _absorbed(self, y):
+        """The layer before computed this ReLU (its output y): in training mode, backward passes
+        the gradient through and the layer before applies the ReLU's mask with its own."""
+        self._save(y, None)
+
     def _backward(self, grad_out, input_grad):
         (y,) = self._take_saved()
-        return self.kernels.relu_backward_input(grad_out, y, self.upper) if input_grad else None
+        if not input_grad:
+            return None
+        return grad_out if y is None else self.kernels.relu_backward_input(grad_out, y, self.upper)
 
 
 class ReLU6(ReLU):
@@ -606,15 +636,38 @@ class Sequential(Module):
             layer = self.layers[index]
             x = layer._check_input(x)
             following = self.layers[index + 1] if index + 1 < stop else None
+            folded = ()
             if index not in wanted and _worth_folding(layer, following, x):
-                x = layer._forward(x, *following.folded_into(layer))
-                index += 1
+                folded = following.folded_into(layer)
+                index += 1  # the batch norm runs inside the convolution
+            activation = self._fused_activation(layer, index, stop, wanted)
+            if activation is None:
+                x = layer._forward(x, *folded)
             else:
-                x = layer._forward(x)
+                x = layer._forward(x, *folded, lower=0.0, upper=activation.upper)
+                activation._absorbed(x)
+                index += 1
             if index in wanted:
                 outputs.append(x)
             index += 1
         return x, outputs
+
+    def _fused_activation(self, layer, index, stop, wanted):
+        """The ReLU after layers[index] that layer can compute in its own output pass, or None.
+
+        layer is layers[index] or, when a batch norm was folded into it, the convolution before.
+        Fused: eval-mode convolutions (with or without a folded batch norm) and batch norms in
+        either mode; in training only the batch norm, whose backward applies the ReLU's mask.
+        The fused output is bit-identical to the two layers' and saves a read and a write of
+        every value (and, in training, the ReLU's backward pass). Not when the layer's own
+        output is asked for.
+        """
+        following = self.layers[index + 1] if index + 1 < stop else None
+        if index in wanted or not isinstance(following, ReLU) or not layer._takes_activation():
+            return None
+        if following.training != layer.training or (layer.training and not isinstance(layer, BatchNorm2d)):
+            return None
+        return following
 
     def backward(self, grad_out, input_grad=True):
         return self.backward_intermediate({len(self.layers) - 1: grad_out}, input_grad)

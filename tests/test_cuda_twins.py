@@ -52,6 +52,8 @@ def test_convolution_twins(gpu, dtype, stride, pad, bias):
     y = cpu.conv2d_forward(x, w, b, stride, stride, pad, pad)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(gpu.conv2d_forward(x, w, b, stride, stride, pad, pad), y, **tol)
+    np.testing.assert_allclose(gpu.conv2d_forward(x, w, b, stride, stride, pad, pad, 0.0, 0.5),
+                               cpu.conv2d_forward(x, w, b, stride, stride, pad, pad, 0.0, 0.5), **tol)
     g = random_array(3, y.shape, dtype)
     np.testing.assert_allclose(gpu.conv2d_backward_input(g, w, 5, 4, stride, stride, pad, pad),
                                cpu.conv2d_backward_input(g, w, 5, 4, stride, stride, pad, pad), **tol)
@@ -67,11 +69,18 @@ def test_batchnorm_and_relu_twins(gpu):
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
     _, mean, var = cpu.batchnorm2d_train_forward(x, w, b, 1e-5)
     g = random_array(7, x.shape)
-    for got, want in zip(gpu.batchnorm2d_backward(g, x, w, mean, var, 1e-5), cpu.batchnorm2d_backward(g, x, w, mean, var, 1e-5)):
+    for activated, lower, upper in ((g, -np.inf, np.inf), (x - 5.5, 0.0, np.inf), (x - 5.5, 0.0, 0.3)):
+        for got, want in zip(gpu.batchnorm2d_backward(g, x, w, mean, var, 1e-5, activated, lower, upper),
+                             cpu.batchnorm2d_backward(g, x, w, mean, var, 1e-5, activated, lower, upper)):
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    for got, want in zip(gpu.batchnorm2d_train_forward(x, w, b, 1e-5, 0.0, 0.5),
+                         cpu.batchnorm2d_train_forward(x, w, b, 1e-5, 0.0, 0.5)):
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
     rm, rv = random_array(8, (3,)), random_array(9, (3,), low=0.5, high=2.0)
-    np.testing.assert_allclose(gpu.batchnorm2d_eval_forward(x, w, b, rm, rv, 1e-5),
-                               cpu.batchnorm2d_eval_forward(x, w, b, rm, rv, 1e-5), rtol=1e-12, atol=1e-12)
+    for lower, upper in ((-np.inf, np.inf), (0.0, np.inf), (0.0, 0.5)):
+        np.testing.assert_allclose(gpu.batchnorm2d_eval_forward(x, w, b, rm, rv, 1e-5, lower, upper),
+                                   cpu.batchnorm2d_eval_forward(x, w, b, rm, rv, 1e-5, lower, upper),
+                                   rtol=1e-12, atol=1e-12)
     for upper in (np.inf, 6.0):
         z = x * 2 - 9
         np.testing.assert_array_equal(gpu.relu_forward(z, upper), cpu.relu_forward(z, upper))

@@ -76,11 +76,49 @@ def test_batchnorm_matches_reference(dtype, shape, seed, offset):
                                **tol)
 
     grad_out = random_array(seed + 5, shape, dtype)
-    grad_x, grad_w, grad_b = K.batchnorm2d_backward(grad_out, x, weight, mean, var, eps)
+    grad_x, grad_w, grad_b = K.batchnorm2d_backward(grad_out, x, weight, mean, var, eps, grad_out, -np.inf, np.inf)
     grad_x_ref, grad_w_ref, grad_b_ref = ref.batchnorm_grads(x, weight, grad_out, eps)
     np.testing.assert_allclose(grad_x, grad_x_ref, **tol)
     np.testing.assert_allclose(grad_w, grad_w_ref, **tol)
     np.testing.assert_allclose(grad_b, grad_b_ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(shape=st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(2, 7), st.integers(2, 7)),
+       seed=st.integers(0, 2**16), upper=st.sampled_from([np.inf, 6.0, 0.25]), with_bias=st.booleans())
+def test_fused_relu_is_bit_identical_to_a_separate_relu(dtype, shape, seed, upper, with_bias):
+    """Every kernel that can end in a ReLU (lower=0, upper) gives exactly relu_forward of its plain
+    output, and the fused batch-norm backward exactly the batch-norm backward of relu_backward_input."""
+    x = random_array(seed, shape, dtype)
+    channels = shape[1]
+    weight = random_array(seed + 1, (3, channels, 3, 3), dtype)
+    bias = random_array(seed + 2, (3,), dtype) if with_bias else None
+    np.testing.assert_array_equal(K.conv2d_forward(x, weight, bias, 2, 1, 1, 0, 0.0, upper),
+                                  K.relu_forward(K.conv2d_forward(x, weight, bias, 2, 1, 1, 0), upper))
+    depthwise = random_array(seed + 3, (channels, 1, 3, 3), dtype)
+    shift = random_array(seed + 4, (channels,), dtype)
+    out_h, out_w = K.conv2d_output_size(shape[2], 3, 2, 1), K.conv2d_output_size(shape[3], 3, 1, 1)
+    np.testing.assert_array_equal(
+        K.depthwise_conv2d_forward(x, depthwise, shift, 2, 1, 1, 1, out_h, out_w, 0.0, upper),
+        K.relu_forward(K.depthwise_conv2d_forward(x, depthwise, shift, 2, 1, 1, 1, out_h, out_w), upper))
+
+    gamma, beta = random_array(seed + 5, (channels,), dtype), random_array(seed + 6, (channels,), dtype)
+    running_var = random_array(seed + 7, (channels,), dtype, 0.5, 2.0)
+    np.testing.assert_array_equal(K.batchnorm2d_eval_forward(x, gamma, beta, shift, running_var, 1e-5, 0.0, upper),
+                                  K.relu_forward(K.batchnorm2d_eval_forward(x, gamma, beta, shift, running_var, 1e-5),
+                                                 upper))
+    if shape[0] * shape[2] * shape[3] < 2:
+        return
+    fused, mean, var = K.batchnorm2d_train_forward(x, gamma, beta, 1e-5, 0.0, upper)
+    plain, mean_plain, var_plain = K.batchnorm2d_train_forward(x, gamma, beta, 1e-5)
+    np.testing.assert_array_equal(fused, K.relu_forward(plain, upper))
+    np.testing.assert_array_equal(mean, mean_plain)
+    np.testing.assert_array_equal(var, var_plain)
+    grad_out = random_array(seed + 8, shape, dtype)
+    masked = K.relu_backward_input(grad_out, fused, upper)
+    separate = K.batchnorm2d_backward(masked, x, gamma, mean, var, 1e-5, masked, -np.inf, np.inf)
+    for got, want in zip(K.batchnorm2d_backward(grad_out, x, gamma, mean, var, 1e-5, fused, 0.0, upper), separate):
+        np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

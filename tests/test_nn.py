@@ -208,7 +208,7 @@ def test_eval_conv_batchnorm_pairs_run_folded_and_equal_the_two_layers(bias, gro
         step_by_step.append(layer._forward(step_by_step[-1]))
     calls = []
     for bn in (net.layers[1], net.layers[4]):
-        bn._forward = lambda x, bn=bn: calls.append(bn) or type(bn)._forward(bn, x)
+        bn._forward = lambda x, bn=bn, **fused_relu: calls.append(bn) or type(bn)._forward(bn, x, **fused_relu)
     np.testing.assert_allclose(net(x), step_by_step[-1], rtol=1e-12, atol=1e-12)
     assert calls == []  # both pairs ran as one convolution each
     conv_out, bn_out = net.intermediate(x, [0, 1])
@@ -227,3 +227,66 @@ def test_batchnorm_is_not_folded_where_the_weights_outnumber_an_images_outputs()
     y = net(x)
     assert len(calls) == 1
     np.testing.assert_array_equal(y[:1], net(x[:1]))
+
+
+def _spy_on_relu_forward(net):
+    """Count the calls of every ReLU layer's own forward."""
+    calls = []
+    for layer in net.layers:
+        if isinstance(layer, nn.ReLU):
+            layer._forward = lambda x, layer=layer: calls.append(layer) or type(layer)._forward(layer, x)
+    return calls
+
+
+@given(depthwise=st.booleans(), upper=st.sampled_from([None, 6.0]), seed=st.integers(0, 2**16))
+def test_eval_relu_runs_inside_the_layer_before_and_is_bit_identical(depthwise, upper, seed):
+    """In eval mode a ReLU after a convolution (with its batch norm folded in) or after a batch norm
+    runs in that layer's output pass; the float32 result equals the layers run one by one, bit for bit."""
+    rng = np.random.default_rng(seed)
+    relu = nn.ReLU if upper is None else nn.ReLU6
+    first = nn.Conv2d(4, 4, 3, padding=1, groups=4 if depthwise else 1, seed=seed)
+    net = nn.Sequential(first, _trained_statistics(nn.BatchNorm2d(4), rng), relu(),
+                        nn.MaxPool2d(2), _trained_statistics(nn.BatchNorm2d(4), rng), relu()).eval()
+    net[4].running_mean[:] = 2.0  # about half of the second ReLU's inputs negative
+    x = (3 * rng.standard_normal((2, 4, 8, 9))).astype(np.float32)
+    stage = net[2]._forward(first._forward(x, *net[1].folded_into(first)))
+    expected = net[5]._forward(net[4]._forward(net[3]._forward(stage)))
+    calls = _spy_on_relu_forward(net)
+    np.testing.assert_array_equal(net(x), expected)
+    assert calls == []
+    relu_out, bn_out = net.intermediate(x, [2, 4])  # a wanted ReLU output can come fused, a batch norm's not
+    assert calls == []
+    np.testing.assert_array_equal(relu_out, stage)
+    np.testing.assert_array_equal(bn_out, net[4]._forward(net[3]._forward(stage)))
+    assert (bn_out < 0).any()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@given(upper=st.sampled_from([None, 6.0]), seed=st.integers(0, 2**16))
+def test_training_batchnorm_relu_pairs_fuse_forward_and_backward_bit_identically(dtype, upper, seed):
+    """A training-mode BatchNorm2d + ReLU runs as one pass forward and one backward (the ReLU passes
+    the gradient through, the batch norm applies its mask); outputs, gradients and running
+    statistics equal the layers run one by one, bit for bit."""
+    def make():
+        relu = nn.ReLU if upper is None else nn.ReLU6
+        return nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1, seed=seed), nn.BatchNorm2d(4), relu(),
+                             nn.Conv2d(4, 5, 3, padding=1, seed=seed + 1), nn.BatchNorm2d(5), relu()).to(dtype)
+    fused, separate = make(), make()
+    x = (4 * np.random.default_rng(seed).standard_normal((2, 3, 9, 8))).astype(dtype)
+    grad = np.random.default_rng(seed + 1).standard_normal((2, 5, 5, 4)).astype(dtype)
+    calls = _spy_on_relu_forward(fused)
+    y = fused(x)
+    assert calls == []
+    fused.backward(grad)
+    h = x
+    for layer in separate.layers:
+        h = layer.forward(h)
+    np.testing.assert_array_equal(y, h)
+    g = grad
+    for layer in reversed(separate.layers):
+        g = layer.backward(g)
+    for (name, p), (_, q) in zip(fused.named_parameters(), separate.named_parameters()):
+        np.testing.assert_array_equal(p.grad, q.grad, err_msg=name)
+    for name, value in separate.state_dict().items():
+        np.testing.assert_array_equal(fused.state_dict()[name], value, err_msg=name)
+    assert (y == 0).any() and (y > 0).any()

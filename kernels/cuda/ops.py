@@ -42,7 +42,7 @@ def _unravel(index, d1, d2, d3):
 # ----------------------------------------------------------------------------- convolution
 
 @cuda.jit
-def _conv_forward(x, weight, bias, has_bias, sh, sw, ph, pw, y):
+def _conv_forward(x, weight, bias, has_bias, sh, sw, ph, pw, lower, upper, y):
     index = cuda.grid(1)
     batch, out_channels, out_h, out_w = y.shape
     if index >= y.size:
@@ -60,11 +60,11 @@ def _conv_forward(x, weight, bias, has_bias, sh, sw, ph, pw, y):
                 iw = ow * sw - pw + j
                 if 0 <= iw < width:
                     total += weight[o, c, i, j] * x[n, c, ih, iw]
-    y[n, o, oh, ow] = total
+    y[n, o, oh, ow] = min(total, upper) if total > lower else lower
 
 
 @_launcher
-def conv2d_forward(x, weight, bias, stride_h, stride_w, pad_h, pad_w):
+def conv2d_forward(x, weight, bias, stride_h, stride_w, pad_h, pad_w, lower=-np.inf, upper=np.inf):
     """GPU twin of npanomaly.kernels.conv2d_forward (direct convolution, one thread per output)."""
     out_h = conv2d_output_size(x.shape[2], weight.shape[2], stride_h, pad_h)
     out_w = conv2d_output_size(x.shape[3], weight.shape[3], stride_w, pad_w)
@@ -73,7 +73,7 @@ def conv2d_forward(x, weight, bias, stride_h, stride_w, pad_h, pad_w):
     bias = np.zeros(weight.shape[0], x.dtype) if bias is None else bias
     grid, threads = _blocks(y.size)
     _conv_forward[grid, threads](cuda.to_device(x), cuda.to_device(weight), cuda.to_device(bias), has_bias,
-                                 stride_h, stride_w, pad_h, pad_w, y)
+                                 stride_h, stride_w, pad_h, pad_w, lower, upper, y)
     return y.copy_to_host()
 
 
@@ -203,24 +203,25 @@ def _bn_statistics(x, mean, var):
 
 
 @cuda.jit
-def _bn_affine(x, scale, offset, y):
+def _bn_affine(x, scale, offset, lower, upper, y):
     index = cuda.grid(1)
     if index >= y.size:
         return
     channels, height, width = y.shape[1], y.shape[2], y.shape[3]
     n, c, h, w = _unravel(index, channels, height, width)
-    y[n, c, h, w] = x[n, c, h, w] * scale[c] + offset[c]
+    v = x[n, c, h, w] * scale[c] + offset[c]
+    y[n, c, h, w] = min(v, upper) if v > lower else lower
 
 
-def _affine(x, scale, offset):
+def _affine(x, scale, offset, lower, upper):
     y = cuda.device_array(x.shape, dtype=x.dtype)
     grid, threads = _blocks(x.size)
-    _bn_affine[grid, threads](cuda.to_device(x), cuda.to_device(scale), cuda.to_device(offset), y)
+    _bn_affine[grid, threads](cuda.to_device(x), cuda.to_device(scale), cuda.to_device(offset), lower, upper, y)
     return y.copy_to_host()
 
 
 @_launcher
-def batchnorm2d_train_forward(x, weight, bias, eps):
+def batchnorm2d_train_forward(x, weight, bias, eps, lower=-np.inf, upper=np.inf):
     """GPU twin of npanomaly.kernels.batchnorm2d_train_forward (statistics in float64)."""
     channels = x.shape[1]
     mean = cuda.device_array(channels, dtype=np.float64)
@@ -229,18 +230,18 @@ def batchnorm2d_train_forward(x, weight, bias, eps):
     _bn_statistics[channels, threads](cuda.to_device(x), mean, var)
     mean, var = mean.copy_to_host(), var.copy_to_host()
     scale = weight / np.sqrt(var + eps)
-    return _affine(x, scale.astype(x.dtype), (bias - mean * scale).astype(x.dtype)), mean, var
+    return _affine(x, scale.astype(x.dtype), (bias - mean * scale).astype(x.dtype), lower, upper), mean, var
 
 
 @_launcher
-def batchnorm2d_eval_forward(x, weight, bias, running_mean, running_var, eps):
+def batchnorm2d_eval_forward(x, weight, bias, running_mean, running_var, eps, lower=-np.inf, upper=np.inf):
     """GPU twin of npanomaly.kernels.batchnorm2d_eval_forward."""
     scale = weight / np.sqrt(running_var.astype(np.float64) + eps)
-    return _affine(x, scale.astype(x.dtype), (bias - running_mean * scale).astype(x.dtype))
+    return _affine(x, scale.astype(x.dtype), (bias - running_mean * scale).astype(x.dtype), lower, upper)
 
 
 @cuda.jit
-def _bn_backward_sums(grad_out, x, mean, inv_std, sum_dy, sum_dy_xhat):
+def _bn_backward_sums(grad_out, x, activated, lower, upper, mean, inv_std, sum_dy, sum_dy_xhat):
     c = cuda.grid(1)
     if c >= sum_dy.size:
         return
@@ -249,7 +250,7 @@ def _bn_backward_sums(grad_out, x, mean, inv_std, sum_dy, sum_dy_xhat):
     for n in range(x.shape[0]):
         for h in range(x.shape[2]):
             for w in range(x.shape[3]):
-                dy = grad_out[n, c, h, w]
+                dy = grad_out[n, c, h, w] if lower < activated[n, c, h, w] < upper else 0.0
                 total += dy
                 total_xhat += dy * (x[n, c, h, w] - mean[c]) * inv_std[c]
     sum_dy[c] = total
@@ -257,32 +258,34 @@ def _bn_backward_sums(grad_out, x, mean, inv_std, sum_dy, sum_dy_xhat):
 
 
 @cuda.jit
-def _bn_backward_input(grad_out, x, mean, inv_std, weight, mean_dy, mean_dy_xhat, grad_x):
+def _bn_backward_input(grad_out, x, activated, lower, upper, mean, inv_std, weight, mean_dy, mean_dy_xhat, grad_x):
     index = cuda.grid(1)
     if index >= grad_x.size:
         return
     channels, height, width = grad_x.shape[1], grad_x.shape[2], grad_x.shape[3]
     n, c, h, w = _unravel(index, channels, height, width)
     xhat = (x[n, c, h, w] - mean[c]) * inv_std[c]
-    grad_x[n, c, h, w] = weight[c] * inv_std[c] * (grad_out[n, c, h, w] - mean_dy[c] - xhat * mean_dy_xhat[c])
+    dy = grad_out[n, c, h, w] if lower < activated[n, c, h, w] < upper else 0.0
+    grad_x[n, c, h, w] = weight[c] * inv_std[c] * (dy - mean_dy[c] - xhat * mean_dy_xhat[c])
 
 
 @_launcher
-def batchnorm2d_backward(grad_out, x, weight, batch_mean, batch_var, eps):
+def batchnorm2d_backward(grad_out, x, weight, batch_mean, batch_var, eps, activated, lower, upper):
     """GPU twin of npanomaly.kernels.batchnorm2d_backward."""
     channels = x.shape[1]
     count = x.shape[0] * x.shape[2] * x.shape[3]
     inv_std = 1.0 / np.sqrt(batch_var + eps)
-    d_grad, d_x = cuda.to_device(grad_out), cuda.to_device(x)
+    d_grad, d_x, d_activated = cuda.to_device(grad_out), cuda.to_device(x), cuda.to_device(activated)
     d_mean, d_inv = cuda.to_device(batch_mean), cuda.to_device(inv_std)
     sum_dy = cuda.device_array(channels, dtype=np.float64)
     sum_dy_xhat = cuda.device_array(channels, dtype=np.float64)
     grid, threads = _blocks(channels)
-    _bn_backward_sums[grid, threads](d_grad, d_x, d_mean, d_inv, sum_dy, sum_dy_xhat)
+    _bn_backward_sums[grid, threads](d_grad, d_x, d_activated, lower, upper, d_mean, d_inv, sum_dy, sum_dy_xhat)
     sum_dy, sum_dy_xhat = sum_dy.copy_to_host(), sum_dy_xhat.copy_to_host()
     grad_x = cuda.device_array(x.shape, dtype=x.dtype)
     grid, threads = _blocks(x.size)
-    _bn_backward_input[grid, threads](d_grad, d_x, d_mean, d_inv, cuda.to_device(weight.astype(np.float64)),
+    _bn_backward_input[grid, threads](d_grad, d_x, d_activated, lower, upper, d_mean, d_inv,
+                                      cuda.to_device(weight.astype(np.float64)),
                                       cuda.to_device(sum_dy / count), cuda.to_device(sum_dy_xhat / count), grad_x)
     return grad_x.copy_to_host(), sum_dy_xhat.astype(x.dtype), sum_dy.astype(x.dtype)
 
