@@ -28,3 +28,22 @@ def median_time(function, repeats, warm_up=True):
         function()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def median_times(functions, repeats, warm_up=True):
+    """Median wall time of each function, timed in turns (a, b, a, b, ...) after one untimed run of each.
+
+    Taking turns spreads a noisy machine's slow stretches (another tenant, the kernel compacting
+    memory for huge pages) over every contender; timing all runs of one before the other let a
+    single stretch swing a ratio by 2x here.
+    """
+    if warm_up:
+        for function in functions:
+            function()
+    times = [[] for _ in functions]
+    for _ in range(repeats):
+        for function, record in zip(functions, times):
+            start = time.perf_counter()
+            function()
+            record.append(time.perf_counter() - start)
+    return [statistics.median(record) for record in times]

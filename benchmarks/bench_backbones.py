@@ -5,14 +5,15 @@
 EfficientNet-Lite0 (up to its stride-16 stage and whole, as PatchCore and a classifier use it) and
 ResNet-18 (up to layer3 and whole) on a batch of 8 RGB 224x224 images, eval mode, random weights
 (speed does not depend on them): npanomaly vs torch (the same architecture written in torch with
-the checkpoint's names, tests/torch_backbones.py). Ratio = npanomaly / torch, medians after a warm-up.
+the checkpoint's names, tests/torch_backbones.py). Ratio = npanomaly / torch, medians of runs timed in
+turns after a warm-up.
 """
 
 import argparse
 import os
 import sys
 
-from _common import median_time, use_threads
+from _common import median_times, use_threads
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--threads", type=int, default=2)
@@ -51,11 +52,9 @@ def main():
                 with torch.no_grad():
                     truncated_forward(twin, prepared, name, stage)
 
-            t_ours = median_time(lambda: ours.features(images, [stage]), ARGS.repeats)
-            t_torch = median_time(torch_run, ARGS.repeats)
             products, unfold_and_products = floors(ours, images, stage)
-            t_blas = median_time(products, ARGS.repeats)
-            t_unfold = median_time(unfold_and_products, ARGS.repeats)
+            t_ours, t_torch, t_blas, t_unfold = median_times(
+                [lambda: ours.features(images, [stage]), torch_run, products, unfold_and_products], ARGS.repeats)
             print(f"{name:<19} up to {stage:<9} npanomaly {t_ours * 1e3:8.1f} ms  torch {t_torch * 1e3:8.1f} ms  "
                   f"ratio {t_ours / t_torch:.2f}x  floors: BLAS {t_blas / t_torch:.2f}x, "
                   f"+ im2col {t_unfold / t_torch:.2f}x", flush=True)

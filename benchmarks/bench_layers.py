@@ -3,7 +3,7 @@
     python benchmarks/bench_layers.py [--threads 2] [--repeats 7] [--quick] [--no-compile]
 
 Prints, for each case, the median wall time of npanomaly and of torch over --repeats runs (after a
-warm-up) and their ratio (npanomaly / torch: below 1 means npanomaly is faster). Cases: the seed
+warm-up, the two timed in turns) and their ratio (npanomaly / torch: below 1 means npanomaly is faster). Cases: the seed
 backbone's convolutions on a batch of 8 RGB 256x256 images, WideResNet-50-2 layer2/layer3 shapes
 (224x224 input, batch 8), batch norm, and a whole Conv-BN-ReLU x3 training step with SGD.
 Unless --no-compile, it first measures the Numba compile time of all layer kernels in a fresh
@@ -17,7 +17,7 @@ import sys
 import tempfile
 import textwrap
 
-from _common import median_time, use_threads
+from _common import median_times, use_threads
 
 
 def parse_args():
@@ -79,11 +79,12 @@ def main():
     rows = []
 
     def compare(name, ours, theirs, floor=None):
-        t_ours, t_torch = median_time(ours, ARGS.repeats), median_time(theirs, ARGS.repeats)
+        contenders = [ours, theirs] + ([] if floor is None else [floor])
+        t_ours, t_torch, *t_floor = median_times(contenders, ARGS.repeats)
         rows.append((name, t_ours, t_torch))
         line = f"{name:<44} {t_ours * 1e3:9.2f} ms {t_torch * 1e3:9.2f} ms   {t_ours / t_torch:5.2f}x"
         if floor is not None:
-            line += f"   {median_time(floor, ARGS.repeats) / t_torch:5.2f}x"
+            line += f"   {t_floor[0] / t_torch:5.2f}x"
         print(line, flush=True)
 
     print(f"threads={ARGS.threads} batch={batch} repeats={ARGS.repeats} numpy={np.__version__} "

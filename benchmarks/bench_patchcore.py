@@ -11,7 +11,8 @@
    and the ratio is the same; --coreset-steps 10000 runs the full 10%.
 3. PatchCore.default_rgb() fit (coreset 10%) and predict on 64x64 textures for 10, 100 and 400
    training images: seconds, images/s and the process's peak memory, each size in a fresh process.
-Ratios are npanomaly / peer: below 1 means npanomaly is faster. Medians over --repeats runs.
+Ratios are npanomaly / peer: below 1 means npanomaly is faster. Medians over --repeats runs, the
+contenders timed in turns.
 """
 
 import argparse
@@ -21,7 +22,7 @@ import subprocess
 import sys
 import time
 
-from _common import median_time, use_threads
+from _common import median_time, median_times, use_threads
 
 
 def parse_args():
@@ -79,16 +80,16 @@ def main():
     bank = rng.standard_normal((n_bank, dim), dtype=np.float32)
     queries = rng.standard_normal((n_query, dim), dtype=np.float32)
     knn(queries[:10], bank[:100])
-    ours = median_time(lambda: knn(queries, bank, k=1), ARGS.repeats)
     try:
         import faiss
     except ImportError:
+        ours = median_time(lambda: knn(queries, bank, k=1), ARGS.repeats)
         print(f"knn {n_query} x {n_bank} x {dim}: npanomaly {ours:.2f} s; faiss not installed (pip install faiss-cpu)")
     else:
         faiss.omp_set_num_threads(ARGS.threads)
         index = faiss.IndexFlatL2(dim)
         index.add(bank)
-        theirs = median_time(lambda: index.search(queries, 1), ARGS.repeats)
+        ours, theirs = median_times([lambda: knn(queries, bank, k=1), lambda: index.search(queries, 1)], ARGS.repeats)
         agree = np.mean(knn(queries, bank)[1][:, 0] == index.search(queries, 1)[1][:, 0])
         print(f"knn {n_query} x {n_bank} x {dim}: npanomaly {ours:.2f} s, faiss IndexFlatL2 {theirs:.2f} s, "
               f"ratio {ours / theirs:.2f}x (same neighbour for {agree:.2%} of queries)")
@@ -115,8 +116,8 @@ def main():
         return chosen
 
     greedy_coreset(features[:100], 5, projection_dim=None)
-    ours = median_time(lambda: greedy_coreset(features, steps, projection_dim=None), ARGS.repeats)
-    theirs = median_time(torch_k_center, ARGS.repeats)
+    ours, theirs = median_times([lambda: greedy_coreset(features, steps, projection_dim=None), torch_k_center],
+                                ARGS.repeats)
     same = greedy_coreset(features, steps, projection_dim=None)[1:].tolist() == torch_k_center()[:-1]
     print(f"greedy coreset {steps} steps over {n_points} x 128: npanomaly {ours:.2f} s, torch loop {theirs:.2f} s, "
           f"ratio {ours / theirs:.2f}x (same selection: {same})")

@@ -6,12 +6,12 @@ StudentTeacher.default_rgb() (teacher 3->64->128, student 3->32->128, 3x3 stride
 batch norm and ReLU) on a batch of 8 RGB 256x256 images: npanomaly's train_step (forward through both
 nets, the loss gradient, the student's hand-written backward pass, Adam) against the same nets,
 weights and optimiser under torch autograd; then predict throughput (images/s) of both.
-Medians over --repeats runs after a warm-up; ratio = npanomaly / torch (below 1: npanomaly faster).
+Medians over --repeats runs taken in turns after a warm-up; ratio = npanomaly / torch (below 1: npanomaly faster).
 """
 
 import argparse
 
-from _common import median_time, use_threads
+from _common import median_times, use_threads
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--threads", type=int, default=2)
@@ -68,8 +68,7 @@ def main():
         theirs.step()
 
     st.train()
-    t_ours = median_time(lambda: st.train_step(images, ours), ARGS.repeats)
-    t_torch = median_time(torch_step, ARGS.repeats)
+    t_ours, t_torch = median_times([lambda: st.train_step(images, ours), torch_step], ARGS.repeats)
     print(f"threads={ARGS.threads} batch={ARGS.batch}x3x{ARGS.size}x{ARGS.size} numba={numba.__version__} "
           f"torch={torch.__version__}")
     print(f"train step (Adam):  npanomaly {t_ours * 1e3:8.1f} ms   torch {t_torch * 1e3:8.1f} ms   "
@@ -85,8 +84,7 @@ def main():
             torch.nn.functional.interpolate(per_position, size=(ARGS.size, ARGS.size), mode="bilinear")
             per_position.mean(dim=(1, 2, 3)).sqrt()
 
-    p_ours = median_time(lambda: st.predict(images), ARGS.repeats)
-    p_torch = median_time(torch_predict, ARGS.repeats)
+    p_ours, p_torch = median_times([lambda: st.predict(images), torch_predict], ARGS.repeats)
     print(f"predict (maps):     npanomaly {ARGS.batch / p_ours:8.1f} img/s torch {ARGS.batch / p_torch:8.1f} img/s "
           f"ratio {p_ours / p_torch:.2f}x (time)")
 
