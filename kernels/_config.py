@@ -20,9 +20,12 @@ REDUCTION_JIT_OPTIONS = dict(PARALLEL_JIT_OPTIONS, fastmath={"reassoc"})
 SERIAL_REDUCTION_JIT_OPTIONS = dict(JIT_OPTIONS, fastmath={"reassoc"})
 
 # Convolution lowers each image to a column matrix [C*kh*kw, Ho*Wo] and multiplies it with BLAS.
-# Images are processed in chunks whose column matrices together stay under this many bytes, so the
-# extra memory of im2col is bounded whatever the batch size.
-IM2COL_BUDGET_BYTES = 32 * 1024 * 1024
+# Images are processed in chunks whose column matrices together stay under this many bytes (at
+# least one image), so the extra memory of im2col is bounded whatever the batch size. Small chunks
+# are also faster: the columns are still in cache when the product reads them, and the buffer is
+# recycled by the allocator instead of page-faulted in (measured against 32, 16 and 4 MiB: the
+# Student-Teacher training step 157 -> 133 ms, other convolutions 0-12% faster).
+IM2COL_BUDGET_BYTES = 8 * 1024 * 1024
 
 # Networks in evaluation mode (frozen backbones and teachers, scoring) run a few images at a time,
 # as many as fit this many bytes of input (2 RGB images of 256x256 in float32, 3 of 224x224): every
