@@ -119,15 +119,19 @@ def refine_candidates(queries, bank, candidates, k, error_bound, screened, needs
           error_bound[i] of its exact one, so a bank row outside the list is provably no closer than
           the k-th exact candidate unless the list is full and its last screened distance is within
           2 * error_bound of that k-th distance; then needs_exact[i] is set for an exhaustive search.
+          Only candidates screened within 2 * error_bound of the k-th screened distance are
+          re-measured: any other is farther, exactly, than each of the first k (usually all but
+          one candidate of a 1-NN query is skipped this way).
     Parallel: over queries.
     """
     n_queries, dim = queries.shape
     width = candidates.shape[1]
     for i in prange(n_queries):
         exact = np.full(width, np.inf)
+        reach = screened[i, k - 1] + 2.0 * error_bound[i]
         for c in range(width):
             b = candidates[i, c]
-            if b < 0:
+            if b < 0 or screened[i, c] > reach:
                 continue
             total = 0.0
             for d in range(dim):
@@ -139,7 +143,7 @@ def refine_candidates(queries, bank, candidates, k, error_bound, screened, needs
         for slot in range(k):
             best = -1
             for c in range(width):
-                if taken[c] or candidates[i, c] < 0:
+                if taken[c] or candidates[i, c] < 0 or exact[c] == np.inf:
                     continue
                 if best < 0 or exact[c] < exact[best] or (exact[c] == exact[best]
                                                           and candidates[i, c] < candidates[i, best]):
