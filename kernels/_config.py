@@ -27,13 +27,6 @@ SERIAL_REDUCTION_JIT_OPTIONS = dict(JIT_OPTIONS, fastmath={"reassoc"})
 # Student-Teacher training step 157 -> 133 ms, other convolutions 0-12% faster).
 IM2COL_BUDGET_BYTES = 8 * 1024 * 1024
 
-# Networks in evaluation mode (frozen backbones and teachers, scoring) run a few images at a time,
-# as many as fit this many bytes of input (2 RGB images of 256x256 in float32, 3 of 224x224): every
-# activation of such a group stays in cache and below glibc's 32 MiB mmap threshold, where a fresh
-# array is page-faulted in anew on every call. Measured: the Student-Teacher teacher 20% and
-# ResNet-18 10% faster on batches of 8 than in one piece. Training runs whole batches (batch norm).
-EVAL_CHUNK_BYTES = 2 * 1024 * 1024
-
 # Nearest-neighbour search screens distances one [query block, bank block] matrix at a time
 # (float32: 4096 x 2048 x 4 bytes = 32 MiB), so memory never grows with Q x M. Tall query blocks
 # keep the BLAS product efficient; the shape was the fastest of five tried in bench_patchcore.
