@@ -73,9 +73,9 @@ def floors(backbone, images, stage):
     recorded = []
     real = kernels.conv2d_forward
 
-    def recording(x, weight, bias, stride_h, stride_w, pad_h, pad_w):
+    def recording(x, weight, bias, stride_h, stride_w, pad_h, pad_w, *fused_relu):
         recorded.append((x.copy(), weight.shape, stride_h, stride_w, pad_h, pad_w))
-        return real(x, weight, bias, stride_h, stride_w, pad_h, pad_w)
+        return real(x, weight, bias, stride_h, stride_w, pad_h, pad_w, *fused_relu)
 
     kernels.conv2d_forward = recording
     try:

@@ -3,9 +3,10 @@
     python benchmarks/bench_layers.py [--threads 2] [--repeats 7] [--quick] [--no-compile]
 
 Prints, for each case, the median wall time of npanomaly and of torch over --repeats runs (after a
-warm-up, the two timed in turns) and their ratio (npanomaly / torch: below 1 means npanomaly is faster). Cases: the seed
-backbone's convolutions on a batch of 8 RGB 256x256 images, WideResNet-50-2 layer2/layer3 shapes
-(224x224 input, batch 8), batch norm, and a whole Conv-BN-ReLU x3 training step with SGD.
+warm-up, the two timed in turns) and their ratio (npanomaly / torch: below 1 means npanomaly is
+faster). Cases: the seed backbone's convolutions on a batch of 8 RGB 256x256 images,
+WideResNet-50-2 layer2/layer3 shapes (224x224 input, batch 8), batch norm alone and with its ReLU
+fused in, and a whole Conv-BN-ReLU x3 training step with SGD.
 Unless --no-compile, it first measures the Numba compile time of all layer kernels in a fresh
 process with an empty cache, and again in a second process that loads the cache.
 """
@@ -157,8 +158,17 @@ def main():
                 lambda: bn_t(xt))
     yt = bn_t(xt)
     gt = torch.from_numpy(g)
-    compare("bn bwd 128ch @64", lambda: K.batchnorm2d_backward(g, x, ones, mean, var, 1e-5),
+    compare("bn bwd 128ch @64", lambda: K.batchnorm2d_backward(g, x, ones, mean, var, 1e-5, g, -np.inf, np.inf),
             lambda: torch.autograd.grad(yt, xt, gt, retain_graph=True))
+    # batch norm with the ReLU after it fused in (as Sequential runs them) vs torch's two layers
+    with torch.no_grad():
+        compare("bn+relu train fwd 128ch @64", lambda: K.batchnorm2d_train_forward(x, ones, zeros, 1e-5, 0.0, np.inf),
+                lambda: torch.relu(bn_t(xt)))
+    activated = K.batchnorm2d_train_forward(x, ones, zeros, 1e-5, 0.0, np.inf)[0]
+    rt = torch.relu(bn_t(xt))
+    compare("bn+relu bwd 128ch @64",
+            lambda: K.batchnorm2d_backward(g, x, ones, mean, var, 1e-5, activated, 0.0, np.inf),
+            lambda: torch.autograd.grad(rt, xt, gt, retain_graph=True))
 
     # One training step of the seed backbone: three Conv-BN-ReLU blocks, SGD with momentum.
     net = nn.Sequential(nn.Conv2d(3, 64, 3, 2, 1, seed=0), nn.BatchNorm2d(64), nn.ReLU(),
