@@ -41,7 +41,7 @@ from .pooling import (
     max_pool2d_forward,
     pool2d_output_size,
 )
-from .reduce import all_finite, squared_difference_loss
+from .reduce import all_finite, channel_mean_squared_difference, squared_difference_loss
 from .resize import bilinear_resize, gaussian_blur, gaussian_kernel1d
 
 
@@ -64,6 +64,7 @@ __all__ = [
     "all_finite",
     "bilinear_resize",
     "block_dots",
+    "channel_mean_squared_difference",
     "depthwise_conv2d_backward_input",
     "depthwise_conv2d_backward_weight",
     "depthwise_conv2d_forward",

@@ -1,4 +1,4 @@
-"""Whole-array reductions: the finiteness check at the public boundary, and the squared-difference loss."""
+"""Reductions: the finiteness check at the public boundary, the squared-difference loss and its map."""
 
 import numpy as np
 from numba import njit, prange
@@ -40,3 +40,30 @@ def squared_difference_loss(prediction, target, grad_scale):
         grad[i] = grad_scale * diff
         total += np.float64(diff) * diff
     return total, grad.reshape(prediction.shape)
+
+
+@njit(**REDUCTION_JIT_OPTIONS)
+def channel_mean_squared_difference(a, b):
+    """The mean over channels of the squared difference at every position (Student-Teacher's anomaly map).
+
+    Shapes: a, b [N, C, H, W] C-contiguous -> [N, H, W] float64.
+    Math: out[n, h, w] = (1/C) sum_c (a - b)[n, c, h, w]^2, the difference in the inputs' dtype (as
+          the loss takes it) and the squares summed in float64. One pass over both inputs, where
+          the NumPy expression made three temporaries, one of them a float64 copy.
+    Parallel: over (n, h) rows of the output.
+    """
+    batch, channels, height, width = a.shape
+    out = np.zeros((batch, height, width), dtype=np.float64)
+    for job in prange(batch * height):
+        n = job // height
+        h = job % height
+        row = out[n, h]
+        for c in range(channels):
+            a_line = a[n, c, h]
+            b_line = b[n, c, h]
+            for w in range(width):
+                d = np.float64(a_line[w] - b_line[w])
+                row[w] += d * d
+        for w in range(width):
+            row[w] /= channels
+    return out

@@ -248,7 +248,7 @@ class StudentTeacher(Detector):
         student_maps = self._features(self._student, batch)
         size = batch.shape[2:]
         if not self.multiscale:
-            per_position = np.mean(np.square(student_maps[0] - teacher_maps[0], dtype=np.float64), axis=1)
+            per_position = kernels.channel_mean_squared_difference(student_maps[0], teacher_maps[0])
             scores = np.sqrt(per_position.mean(axis=(1, 2)))
             maps = upsample_and_blur(per_position, size, self.blur_sigma) if want_maps else None
             return scores, maps

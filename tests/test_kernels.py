@@ -185,6 +185,17 @@ def test_squared_difference_loss_matches_numpy(shape, scale, seed, dtype):
     np.testing.assert_allclose(grad, scale * diff, rtol=1e-6 if dtype == np.float32 else 1e-12, atol=1e-30)
 
 
+@given(shape=st.tuples(st.integers(1, 3), st.integers(1, 9), st.integers(1, 6), st.integers(1, 6)),
+       seed=st.integers(0, 2**16), dtype=st.sampled_from([np.float32, np.float64]))
+def test_channel_mean_squared_difference_matches_numpy(shape, seed, dtype):
+    rng = np.random.default_rng(seed)
+    a, b = (rng.standard_normal(shape).astype(dtype) for _ in range(2))
+    got = K.channel_mean_squared_difference(a, b)
+    diff = (a - b).astype(np.float64)  # the difference in the input's precision, as the loss
+    assert got.dtype == np.float64 and got.shape == (shape[0],) + shape[2:]
+    np.testing.assert_allclose(got, np.mean(diff * diff, axis=1), rtol=1e-13, atol=0)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_all_finite(dtype):
     x = np.zeros((2, 3, 4, 5), dtype)

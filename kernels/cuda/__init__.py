@@ -13,6 +13,7 @@ from .. import (  # noqa: F401  (CPU kernels without a twin: same table, same na
     avg_pool2d_backward_input,
     avg_pool2d_forward,
     bilinear_resize,
+    channel_mean_squared_difference,
     conv2d_output_size,
     depthwise_conv2d_backward_input,
     depthwise_conv2d_backward_weight,
