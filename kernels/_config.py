@@ -20,12 +20,19 @@ REDUCTION_JIT_OPTIONS = dict(PARALLEL_JIT_OPTIONS, fastmath={"reassoc"})
 SERIAL_REDUCTION_JIT_OPTIONS = dict(JIT_OPTIONS, fastmath={"reassoc"})
 
 # Convolution lowers each image to a column matrix [C*kh*kw, Ho*Wo] and multiplies it with BLAS.
-# Images are processed in chunks whose column matrices together stay under this many bytes (at
-# least one image), so the extra memory of im2col is bounded whatever the batch size. Small chunks
-# are also faster: the columns are still in cache when the product reads them, and the buffer is
-# recycled by the allocator instead of page-faulted in (measured against 32, 16 and 4 MiB: the
-# Student-Teacher training step 157 -> 133 ms, other convolutions 0-12% faster).
-IM2COL_BUDGET_BYTES = 8 * 1024 * 1024
+# Images are processed in chunks whose column matrices together stay under this many bytes, so the
+# extra memory of im2col is bounded whatever the batch size. (8 and 16 MiB won an in-process A/B
+# but made three times the page faults per training step and were 7-20% slower, process by process.)
+IM2COL_BUDGET_BYTES = 32 * 1024 * 1024
+
+# Networks in evaluation mode (frozen backbones and teachers, scoring) run as many images at a time
+# as fit this many bytes of input: one RGB image of 224x224 or 256x256 in float32, ten of 64x64.
+# Their activations then stay small enough for the allocator to recycle, where a fresh array over
+# glibc's 32 MiB mmap threshold is page-faulted in anew on every call. Measured in separate
+# processes (an in-process A/B shares the heap and misleads): the Student-Teacher training step
+# 153-164 -> 138-141 ms with its page faults 6,000 -> 900 per step, ResNet-18 to layer3 206-257 ->
+# 181-192 ms, EfficientNet-Lite0 unchanged. Training runs whole batches (batch statistics).
+EVAL_CHUNK_BYTES = 512 * 1024
 
 # Nearest-neighbour search screens distances one [query block, bank block] matrix at a time
 # (float32: 4096 x 2048 x 4 bytes = 32 MiB), so memory never grows with Q x M. Tall query blocks

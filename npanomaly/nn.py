@@ -15,6 +15,7 @@ import math
 import numpy as np
 
 from npanomaly import kernels
+from npanomaly.kernels import _config
 from npanomaly._validation import (
     check_array,
     check_batch,
@@ -609,6 +610,12 @@ class Sequential(Module):
     def _check_input(self, x):
         return self.layers[0]._check_input(x) if self.layers else check_array(x, "x", 4)
 
+    def forward(self, x):
+        """Apply the layers in order to a batch x [N, C, H, W] (in evaluation mode, a few images at a time)."""
+        x = self._check_input(x)
+        check_finite(x, "x")
+        return self._in_chunks(x, lambda part: [self._forward(part)])[0]
+
     def _forward(self, x):
         return self._run(x, len(self.layers), ())[0]
 
@@ -618,7 +625,30 @@ class Sequential(Module):
         Runs the network only as far as the last index asked for; x must already be a checked,
         finite batch (models check their images once at their own boundary).
         """
-        return self._run(x, max(indices) + 1, set(indices))[1]
+        stop, wanted = max(indices) + 1, set(indices)
+        return self._in_chunks(x, lambda part: self._run(part, stop, wanted)[1])
+
+    def _in_chunks(self, x, run):
+        """run(x) (a list of [N, ...] arrays), on EVAL_CHUNK_BYTES of input at a time in evaluation mode.
+
+        In evaluation mode every image is computed on its own (batch norm uses running statistics;
+        folding is decided per image), so the groups give bit-identical results, and their
+        activations stay small enough to be cached and reused by the allocator. Training mode runs
+        the whole batch: its batch statistics span every image.
+        """
+        step = x.shape[0]
+        if step > 1 and not self.training and not any(layer.training for layer in self.layers):
+            step = max(1, _config.EVAL_CHUNK_BYTES // max(1, x[0].nbytes))
+        if step >= x.shape[0]:
+            return run(x)
+        outputs = None
+        for start in range(0, x.shape[0], step):
+            part = run(x[start:start + step])
+            if outputs is None:
+                outputs = [np.empty((x.shape[0],) + out.shape[1:], dtype=out.dtype) for out in part]
+            for out, piece in zip(outputs, part):
+                out[start:start + step] = piece
+        return outputs
 
     def _run(self, x, stop, wanted):
         """Apply layers [0, stop) to x; return (the last output, [outputs of the layers in wanted]).

@@ -6,6 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from npanomaly import nn, optim
+from npanomaly.kernels import _config
 
 
 def small_net():
@@ -290,3 +291,30 @@ def test_training_batchnorm_relu_pairs_fuse_forward_and_backward_bit_identically
     for name, value in separate.state_dict().items():
         np.testing.assert_array_equal(fused.state_dict()[name], value, err_msg=name)
     assert (y == 0).any() and (y > 0).any()
+
+
+@pytest.mark.parametrize("images_per_chunk", [1, 2, 3])
+def test_eval_networks_run_a_few_images_at_a_time_with_bit_identical_results(monkeypatch, images_per_chunk):
+    """In eval mode forward() and intermediate() run EVAL_CHUNK_BYTES of input at a time; every
+    output equals the whole batch's bit for bit. Training runs the whole batch (batch statistics)."""
+    rng = np.random.default_rng(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1, seed=0), _trained_statistics(nn.BatchNorm2d(8), rng),
+                        nn.ReLU(), nn.Residual(nn.Conv2d(8, 8, 3, padding=1, seed=1), nn.ReLU()),
+                        nn.Conv2d(8, 4, 1, seed=2)).eval()
+    x = rng.standard_normal((7, 3, 12, 10)).astype(np.float32)
+    whole_out, whole_maps = net(x), net.intermediate(x, [2, 3, 4])
+    runs = []
+    real_run = nn.Sequential._run
+    monkeypatch.setattr(nn.Sequential, "_run", lambda self, part, stop, wanted: runs.append(
+        (self, part.shape[0])) or real_run(self, part, stop, wanted))
+    monkeypatch.setattr(_config, "EVAL_CHUNK_BYTES", images_per_chunk * x[0].nbytes)
+    np.testing.assert_array_equal(net(x), whole_out)
+    for got, want in zip(net.intermediate(x, [2, 3, 4]), whole_maps):
+        np.testing.assert_array_equal(got, want)
+    sizes = [size for owner, size in runs if owner is net]
+    chunks = -(-7 // images_per_chunk)
+    assert sizes == [min(images_per_chunk, 7 - i * images_per_chunk) for i in range(chunks)] * 2
+    runs.clear()
+    net.train()
+    net(x)
+    assert [size for owner, size in runs if owner is net] == [7]
