@@ -1,0 +1,31 @@
+"""Every benchmark script still runs: a smoke run of each at toy sizes (the figures are not checked).
+
+The benchmarks call kernels directly and are not imported by anything else, so a changed kernel
+signature would otherwise break them silently until the next time someone measures.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
+
+CASES = [
+    ("bench_layers.py", ["--quick", "--no-compile", "--repeats", "1"], "geometric mean ratio", True),
+    ("bench_student_teacher.py", ["--batch", "2", "--size", "32", "--repeats", "1"], "train step (Adam)", True),
+    ("bench_backbones.py", ["--batch", "1", "--size", "64", "--repeats", "1"], "resnet18", True),
+    ("bench_patchcore.py", ["--quick", "--repeats", "1", "--coreset-steps", "20"], "greedy coreset", True),
+    ("bench_quality.py", ["--size", "32"], "PatchCore", False),
+]
+
+
+@pytest.mark.parametrize("script,args,expected,needs_torch", CASES, ids=[case[0] for case in CASES])
+def test_benchmark_script_runs(script, args, expected, needs_torch):
+    if needs_torch:
+        pytest.importorskip("torch")
+    done = subprocess.run([sys.executable, script, *args], cwd=BENCHMARKS, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert expected in done.stdout
