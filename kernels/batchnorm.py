@@ -10,6 +10,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._config import PARALLEL_JIT_OPTIONS, REDUCTION_JIT_OPTIONS
+from .activation import clamp
 
 
 @njit(**REDUCTION_JIT_OPTIONS)
@@ -20,8 +21,8 @@ def batchnorm2d_train_forward(x, weight, bias, eps, lower=-np.inf, upper=np.inf)
     Math: mean_c = (1/M) sum x,  var_c = (1/M) sum (x - mean_c)^2  (biased, as torch normalises with),
           y = (x - mean_c) / sqrt(var_c + eps) * weight_c + bias_c.
           The sums run on x minus the channel's first value, which keeps the one-pass variance
-          exact to float64 rounding however large the mean is. y is then clamped as
-          conv.add_channel_bias does ((0, inf): a fused ReLU; (-inf, inf): none).
+          exact to float64 rounding however large the mean is. y is then clamped (activation.clamp:
+          (0, inf) a fused ReLU, (-inf, inf) none).
     Parallel: over channels; each iteration reads and writes only its own channel.
     """
     batch, channels, height, width = x.shape
@@ -49,8 +50,7 @@ def batchnorm2d_train_forward(x, weight, bias, eps, lower=-np.inf, upper=np.inf)
         for n in range(batch):
             for h in range(height):
                 for w in range(width):
-                    v = x[n, c, h, w] * scale + offset
-                    y[n, c, h, w] = min(v, upper) if v > lower else lower
+                    y[n, c, h, w] = clamp(x[n, c, h, w] * scale + offset, lower, upper)
         batch_mean[c] = mean
         batch_var[c] = var
     return y, batch_mean, batch_var
@@ -61,8 +61,8 @@ def batchnorm2d_eval_forward(x, weight, bias, running_mean, running_var, eps, lo
     """Normalise with stored running statistics (evaluation mode): a per-channel affine map, optionally then a ReLU.
 
     Shapes: x [N, C, H, W], weight, bias, running_mean, running_var [C] -> y [N, C, H, W].
-    Math: y = (x - running_mean_c) / sqrt(running_var_c + eps) * weight_c + bias_c, clamped as
-          conv.add_channel_bias does ((0, inf): a fused ReLU; (-inf, inf): none).
+    Math: y = (x - running_mean_c) / sqrt(running_var_c + eps) * weight_c + bias_c, clamped
+          (activation.clamp: (0, inf) a fused ReLU, (-inf, inf) none).
     Parallel: over (n, c) planes, which are disjoint.
     """
     batch, channels, height, width = x.shape
@@ -74,8 +74,7 @@ def batchnorm2d_eval_forward(x, weight, bias, running_mean, running_var, eps, lo
         offset = bias[c] - running_mean[c] * scale
         for h in range(height):
             for w in range(width):
-                v = x[n, c, h, w] * scale + offset
-                y[n, c, h, w] = min(v, upper) if v > lower else lower
+                y[n, c, h, w] = clamp(x[n, c, h, w] * scale + offset, lower, upper)
     return y
 
 

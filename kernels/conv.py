@@ -18,6 +18,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._config import IM2COL_BUDGET_BYTES, JIT_OPTIONS, PARALLEL_JIT_OPTIONS, REDUCTION_JIT_OPTIONS
+from .activation import clamp
 
 
 def conv2d_output_size(in_size, kernel, stride, pad):
@@ -137,9 +138,8 @@ def add_channel_bias(y, bias, lower, upper):
     """y[n, o, :] = clamp(y[n, o, :] + bias[o]), in place: the bias and, fused with it, a ReLU.
 
     Shapes: y [N, O, P], bias [O].
-    Math: v = y + bias[o]; y = min(v, upper) if v > lower else lower. (lower, upper) = (-inf, inf)
-          is the plain bias, (0, inf) a ReLU and (0, 6) a ReLU6, written as relu_forward writes
-          them, so bias-then-ReLU in one pass is bit-identical to the two passes.
+    Math: y = clamp(y + bias[o], lower, upper) (activation.clamp): (lower, upper) = (-inf, inf) is
+          the plain bias, (0, inf) a ReLU and (0, 6) a ReLU6, bit-identical to the two passes.
     Parallel: over (n, o) rows, which are disjoint.
     """
     batch, out_channels, positions = y.shape
@@ -147,8 +147,7 @@ def add_channel_bias(y, bias, lower, upper):
         o = job % out_channels
         row = y[job // out_channels, o]
         for p in range(positions):
-            v = row[p] + bias[o]
-            row[p] = min(v, upper) if v > lower else lower
+            row[p] = clamp(row[p] + bias[o], lower, upper)
 
 
 @njit(**REDUCTION_JIT_OPTIONS)

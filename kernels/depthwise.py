@@ -10,6 +10,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._config import PARALLEL_JIT_OPTIONS, REDUCTION_JIT_OPTIONS
+from .activation import clamp
 from .conv import U, _valid_outputs
 
 
@@ -23,8 +24,8 @@ def depthwise_conv2d_forward(x, weight, bias, stride_h, stride_w, pad_h, pad_w, 
           (x taken as 0 outside the image). pad_h/pad_w are the zeros before the image; the output
           size is given, so the zeros after it may differ (TensorFlow's asymmetric "same" padding
           needs no padded copy of the input). Symmetric padding: out = (H + 2*ph - kh) // sh + 1.
-          Then each plane, still in cache, is clamped as conv.add_channel_bias does ((0, inf): ReLU,
-          (0, 6): ReLU6; (-inf, inf): nothing).
+          Then each plane, still in cache, is clamped (activation.clamp: (0, inf) ReLU, (0, 6) ReLU6,
+          (-inf, inf) nothing).
     Parallel: over (n, c) planes.
     """
     batch, channels, height, width = x.shape
@@ -49,8 +50,7 @@ def depthwise_conv2d_forward(x, weight, bias, stride_h, stride_w, pad_h, pad_w, 
             for oh in range(out_h):
                 out_line = plane[oh]
                 for ow in range(out_w):
-                    v = out_line[U(ow)]
-                    out_line[U(ow)] = min(v, upper) if v > lower else lower
+                    out_line[U(ow)] = clamp(out_line[U(ow)], lower, upper)
     return y
 
 
