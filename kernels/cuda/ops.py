@@ -33,6 +33,17 @@ def _blocks(total):
     return max(1, (total + threads - 1) // threads), threads
 
 
+def _per_output(kernel, shape, dtype, *args):
+    """Launch kernel(*args, out) with one thread per element of a new device array out; return it on the host.
+
+    NumPy array arguments are copied to the device first; scalars and device arrays pass as they are.
+    """
+    out = cuda.device_array(shape, dtype=dtype)
+    grid, threads = _blocks(out.size)
+    kernel[grid, threads](*[cuda.to_device(a) if isinstance(a, np.ndarray) else a for a in args], out)
+    return out.copy_to_host()
+
+
 @cuda.jit(device=True)
 def _unravel(index, d1, d2, d3):
     """(i0, i1, i2, i3) of a flat C-order index into an array of shape [*, d1, d2, d3]."""
@@ -68,13 +79,10 @@ def conv2d_forward(x, weight, bias, stride_h, stride_w, pad_h, pad_w, lower=-np.
     """GPU twin of npanomaly.kernels.conv2d_forward (direct convolution, one thread per output)."""
     out_h = conv2d_output_size(x.shape[2], weight.shape[2], stride_h, pad_h)
     out_w = conv2d_output_size(x.shape[3], weight.shape[3], stride_w, pad_w)
-    y = cuda.device_array((x.shape[0], weight.shape[0], out_h, out_w), dtype=x.dtype)
     has_bias = bias is not None
     bias = np.zeros(weight.shape[0], x.dtype) if bias is None else bias
-    grid, threads = _blocks(y.size)
-    _conv_forward[grid, threads](cuda.to_device(x), cuda.to_device(weight), cuda.to_device(bias), has_bias,
-                                 stride_h, stride_w, pad_h, pad_w, lower, upper, y)
-    return y.copy_to_host()
+    return _per_output(_conv_forward, (x.shape[0], weight.shape[0], out_h, out_w), x.dtype, x, weight, bias,
+                       has_bias, stride_h, stride_w, pad_h, pad_w, lower, upper)
 
 
 @cuda.jit
@@ -105,11 +113,8 @@ def _conv_backward_input(grad_out, weight, sh, sw, ph, pw, grad_x):
 @_launcher
 def conv2d_backward_input(grad_out, weight, in_h, in_w, stride_h, stride_w, pad_h, pad_w):
     """GPU twin of npanomaly.kernels.conv2d_backward_input (a gather: one thread per input pixel)."""
-    grad_x = cuda.device_array((grad_out.shape[0], weight.shape[1], in_h, in_w), dtype=grad_out.dtype)
-    grid, threads = _blocks(grad_x.size)
-    _conv_backward_input[grid, threads](cuda.to_device(grad_out), cuda.to_device(weight), stride_h, stride_w,
-                                        pad_h, pad_w, grad_x)
-    return grad_x.copy_to_host()
+    return _per_output(_conv_backward_input, (grad_out.shape[0], weight.shape[1], in_h, in_w), grad_out.dtype,
+                       grad_out, weight, stride_h, stride_w, pad_h, pad_w)
 
 
 @cuda.jit
@@ -137,11 +142,8 @@ def _conv_backward_weight(grad_out, x, sh, sw, ph, pw, grad_w):
 @_launcher
 def conv2d_backward_weight(grad_out, x, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w):
     """GPU twin of npanomaly.kernels.conv2d_backward_weight (one thread per filter weight, float64 sum)."""
-    grad_w = cuda.device_array((grad_out.shape[1], x.shape[1], kernel_h, kernel_w), dtype=grad_out.dtype)
-    grid, threads = _blocks(grad_w.size)
-    _conv_backward_weight[grid, threads](cuda.to_device(grad_out), cuda.to_device(x), stride_h, stride_w, pad_h,
-                                         pad_w, grad_w)
-    return grad_w.copy_to_host()
+    return _per_output(_conv_backward_weight, (grad_out.shape[1], x.shape[1], kernel_h, kernel_w), grad_out.dtype,
+                       grad_out, x, stride_h, stride_w, pad_h, pad_w)
 
 
 @cuda.jit
@@ -161,10 +163,7 @@ def _channel_sums(values, out):
 @_launcher
 def conv2d_backward_bias(grad_out):
     """GPU twin of npanomaly.kernels.conv2d_backward_bias."""
-    out = cuda.device_array(grad_out.shape[1], dtype=grad_out.dtype)
-    grid, threads = _blocks(out.size)
-    _channel_sums[grid, threads](cuda.to_device(grad_out), out)
-    return out.copy_to_host()
+    return _per_output(_channel_sums, grad_out.shape[1], grad_out.dtype, grad_out)
 
 
 # ----------------------------------------------------------------------------- batch norm
@@ -214,10 +213,7 @@ def _bn_affine(x, scale, offset, lower, upper, y):
 
 
 def _affine(x, scale, offset, lower, upper):
-    y = cuda.device_array(x.shape, dtype=x.dtype)
-    grid, threads = _blocks(x.size)
-    _bn_affine[grid, threads](cuda.to_device(x), cuda.to_device(scale), cuda.to_device(offset), lower, upper, y)
-    return y.copy_to_host()
+    return _per_output(_bn_affine, x.shape, x.dtype, x, scale, offset, lower, upper)
 
 
 @_launcher
@@ -282,12 +278,9 @@ def batchnorm2d_backward(grad_out, x, weight, batch_mean, batch_var, eps, activa
     grid, threads = _blocks(channels)
     _bn_backward_sums[grid, threads](d_grad, d_x, d_activated, lower, upper, d_mean, d_inv, sum_dy, sum_dy_xhat)
     sum_dy, sum_dy_xhat = sum_dy.copy_to_host(), sum_dy_xhat.copy_to_host()
-    grad_x = cuda.device_array(x.shape, dtype=x.dtype)
-    grid, threads = _blocks(x.size)
-    _bn_backward_input[grid, threads](d_grad, d_x, d_activated, lower, upper, d_mean, d_inv,
-                                      cuda.to_device(weight.astype(np.float64)),
-                                      cuda.to_device(sum_dy / count), cuda.to_device(sum_dy_xhat / count), grad_x)
-    return grad_x.copy_to_host(), sum_dy_xhat.astype(x.dtype), sum_dy.astype(x.dtype)
+    grad_x = _per_output(_bn_backward_input, x.shape, x.dtype, d_grad, d_x, d_activated, lower, upper, d_mean,
+                         d_inv, weight.astype(np.float64), sum_dy / count, sum_dy_xhat / count)
+    return grad_x, sum_dy_xhat.astype(x.dtype), sum_dy.astype(x.dtype)
 
 
 # ----------------------------------------------------------------------------- ReLU
@@ -309,19 +302,14 @@ def _relu_backward(grad_out, x, upper, grad_x):
 @_launcher
 def relu_forward(x, upper=np.inf):
     """GPU twin of npanomaly.kernels.relu_forward."""
-    y = cuda.device_array(x.size, dtype=x.dtype)
-    grid, threads = _blocks(x.size)
-    _relu_forward[grid, threads](cuda.to_device(x.reshape(-1)), upper, y)
-    return y.copy_to_host().reshape(x.shape)
+    return _per_output(_relu_forward, x.size, x.dtype, x.reshape(-1), upper).reshape(x.shape)
 
 
 @_launcher
 def relu_backward_input(grad_out, x, upper=np.inf):
     """GPU twin of npanomaly.kernels.relu_backward_input."""
-    grad_x = cuda.device_array(x.size, dtype=grad_out.dtype)
-    grid, threads = _blocks(x.size)
-    _relu_backward[grid, threads](cuda.to_device(grad_out.reshape(-1)), cuda.to_device(x.reshape(-1)), upper, grad_x)
-    return grad_x.copy_to_host().reshape(x.shape)
+    return _per_output(_relu_backward, x.size, grad_out.dtype, grad_out.reshape(-1), x.reshape(-1),
+                       upper).reshape(x.shape)
 
 
 # ----------------------------------------------------------------------------- search
