@@ -45,6 +45,12 @@ def _per_output(kernel, shape, dtype, *args):
 
 
 @cuda.jit(device=True)
+def _clamp(v, lower, upper):
+    """The CPU kernels' activation.clamp on the device: (0, inf) a ReLU, (0, 6) a ReLU6, (-inf, inf) nothing."""
+    return min(v, upper) if v > lower else lower
+
+
+@cuda.jit(device=True)
 def _unravel(index, d1, d2, d3):
     """(i0, i1, i2, i3) of a flat C-order index into an array of shape [*, d1, d2, d3]."""
     return index // (d3 * d2 * d1), (index // (d3 * d2)) % d1, (index // d3) % d2, index % d3
@@ -71,7 +77,7 @@ def _conv_forward(x, weight, bias, has_bias, sh, sw, ph, pw, lower, upper, y):
                 iw = ow * sw - pw + j
                 if 0 <= iw < width:
                     total += weight[o, c, i, j] * x[n, c, ih, iw]
-    y[n, o, oh, ow] = min(total, upper) if total > lower else lower
+    y[n, o, oh, ow] = _clamp(total, lower, upper)
 
 
 @_launcher
@@ -208,8 +214,7 @@ def _bn_affine(x, scale, offset, lower, upper, y):
         return
     channels, height, width = y.shape[1], y.shape[2], y.shape[3]
     n, c, h, w = _unravel(index, channels, height, width)
-    v = x[n, c, h, w] * scale[c] + offset[c]
-    y[n, c, h, w] = min(v, upper) if v > lower else lower
+    y[n, c, h, w] = _clamp(x[n, c, h, w] * scale[c] + offset[c], lower, upper)
 
 
 def _affine(x, scale, offset, lower, upper):
@@ -289,7 +294,7 @@ def batchnorm2d_backward(grad_out, x, weight, batch_mean, batch_var, eps, activa
 def _relu_forward(x, upper, y):
     i = cuda.grid(1)
     if i < x.size:
-        y[i] = min(x[i], upper) if x[i] > 0 else 0
+        y[i] = _clamp(x[i], 0.0, upper)
 
 
 @cuda.jit
