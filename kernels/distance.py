@@ -143,7 +143,7 @@ def refine_candidates(queries, bank, candidates, k, error_bound, screened, needs
         for slot in range(k):
             best = -1
             for c in range(width):
-                if taken[c] or candidates[i, c] < 0 or exact[c] == np.inf:
+                if taken[c] or exact[c] == np.inf:  # empty slots and candidates not re-measured
                     continue
                 if best < 0 or exact[c] < exact[best] or (exact[c] == exact[best]
                                                           and candidates[i, c] < candidates[i, best]):
