@@ -20,14 +20,7 @@ def use_threads(threads):
 
 def median_time(function, repeats, warm_up=True):
     """Median wall time of function() over repeats runs, after one untimed run (compilation, caches)."""
-    if warm_up:
-        function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_times([function], repeats, warm_up)[0]
 
 
 def median_times(functions, repeats, warm_up=True):
