@@ -25,6 +25,13 @@ SERIAL_REDUCTION_JIT_OPTIONS = dict(JIT_OPTIONS, fastmath={"reassoc"})
 # but made three times the page faults per training step and were 7-20% slower, process by process.)
 IM2COL_BUDGET_BYTES = 32 * 1024 * 1024
 
+# Arrays of at least RECYCLE_MIN_BYTES made by the convolution drivers live on recycled memory
+# (kernels/memory.py): when one dies its pages wait, up to RECYCLE_LIMIT_BYTES in all, for the next
+# request of the same size instead of going back to the kernel and being faulted in again.
+# RECYCLE_LIMIT_BYTES = 0 turns recycling off (plain np.empty).
+RECYCLE_MIN_BYTES = 1024 * 1024
+RECYCLE_LIMIT_BYTES = 256 * 1024 * 1024
+
 # Networks in evaluation mode (frozen backbones and teachers, scoring) run as many images at a time
 # as fit this many bytes of input: one RGB image of 224x224 or 256x256 in float32, ten of 64x64.
 # Their activations then stay small enough for the allocator to recycle, where a fresh array over

@@ -17,6 +17,7 @@ Shapes used throughout:
 import numpy as np
 from numba import njit, prange
 
+from . import memory
 from ._config import IM2COL_BUDGET_BYTES, JIT_OPTIONS, PARALLEL_JIT_OPTIONS, REDUCTION_JIT_OPTIONS
 from .activation import clamp
 
@@ -194,7 +195,7 @@ def _unfolded_chunks(x, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, ou
         yield 0, batch, x.reshape(batch, channels, positions)
         return
     step, chunks = _chunks(batch, rows, positions, x.itemsize)
-    cols = np.empty((step, rows, positions), dtype=x.dtype)
+    cols = memory.empty((step, rows, positions), x.dtype)
     for start, stop in chunks:
         part = cols[: stop - start]
         im2col(x[start:stop], kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, part)
@@ -217,7 +218,7 @@ def conv2d_forward(x, weight, bias, stride_h, stride_w, pad_h, pad_w, lower=-np.
     out_w = conv2d_output_size(width, kernel_w, stride_w, pad_w)
     w2 = weight.reshape(out_channels, channels * kernel_h * kernel_w)
     positions = out_h * out_w
-    y = np.empty((batch, out_channels, positions), dtype=x.dtype)
+    y = memory.empty((batch, out_channels, positions), x.dtype)
     for start, stop, cols in _unfolded_chunks(x, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w):
         np.matmul(w2, cols, out=y[start:stop])
     if bias is not None or lower > -np.inf or upper < np.inf:
@@ -240,12 +241,12 @@ def conv2d_backward_input(grad_out, weight, in_h, in_w, stride_h, stride_w, pad_
     w2t = weight.reshape(out_channels, rows).T
     g = grad_out.reshape(batch, out_channels, positions)
     if _is_pointwise(kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w):
-        grad_x = np.empty((batch, channels, positions), dtype=grad_out.dtype)
+        grad_x = memory.empty((batch, channels, positions), grad_out.dtype)
         np.matmul(w2t, g, out=grad_x)
         return grad_x.reshape(batch, channels, in_h, in_w)
-    grad_x = np.zeros((batch, channels, in_h, in_w), dtype=grad_out.dtype)
+    grad_x = memory.zeros((batch, channels, in_h, in_w), grad_out.dtype)
     step, chunks = _chunks(batch, rows, positions, grad_out.itemsize)
-    cols = np.empty((step, rows, positions), dtype=grad_out.dtype)
+    cols = memory.empty((step, rows, positions), grad_out.dtype)
     for start, stop in chunks:
         part = cols[: stop - start]
         np.matmul(w2t, g[start:stop], out=part)

@@ -11,3 +11,10 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile("npanomaly")
+
+# Every array of the convolution drivers goes through the recycling allocator in the tests, however
+# small (by default only arrays of 1 MiB and more do): a recycled array that aliased a live one
+# would then corrupt the results of every numerical test, not only of the large ones.
+from npanomaly.kernels import _config
+
+_config.RECYCLE_MIN_BYTES = 0
