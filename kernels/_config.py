@@ -21,8 +21,10 @@ SERIAL_REDUCTION_JIT_OPTIONS = dict(JIT_OPTIONS, fastmath={"reassoc"})
 
 # Convolution lowers each image to a column matrix [C*kh*kw, Ho*Wo] and multiplies it with BLAS.
 # Images are processed in chunks whose column matrices together stay under this many bytes, so the
-# extra memory of im2col is bounded whatever the batch size. (8 and 16 MiB won an in-process A/B
-# but made three times the page faults per training step and were 7-20% slower, process by process.)
+# extra memory of im2col is bounded whatever the batch size. (Before kernels/memory.py recycled the
+# column matrices, 8 and 16 MiB made three times the page faults per training step and were 7-20%
+# slower; with recycling, 5 MiB and 32 MiB train the Student-Teacher benchmark equally fast within
+# the machine's noise, 131-160 vs 123-135 ms, and 32 MiB predicts ~10% faster.)
 IM2COL_BUDGET_BYTES = 32 * 1024 * 1024
 
 # Arrays of at least RECYCLE_MIN_BYTES made by the convolution drivers live on recycled memory
