@@ -9,7 +9,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_wheel_installs_kernels_as_npanomaly_kernels(tmp_path):
+def _source_modules():
+    """Every module of the source tree under its installed name (kernels/ installs as npanomaly.kernels),
+    except __main__ modules, which run when imported (the wheel test checks they are there)."""
+    modules = []
+    for folder, package in (("npanomaly", "npanomaly"), ("kernels", "npanomaly.kernels")):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            parts = path.relative_to(ROOT / folder).with_suffix("").parts
+            if parts[-1] == "__main__":
+                continue
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            modules.append(".".join((package,) + parts))
+    return modules
+
+
+def _build_wheel(tmp_path):
     source = tmp_path / "source"
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
@@ -20,21 +35,48 @@ def test_wheel_installs_kernels_as_npanomaly_kernels(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
                     "-q", "-w", str(wheels), str(source)], check=True)
     (wheel,) = wheels.glob("npanomaly-*.whl")
+    return wheel
+
+
+def test_wheel_installs_every_module_in_a_fresh_venv(tmp_path):
+    """The built wheel, pip-installed into a new virtual environment, imports every module of the
+    source tree (issue 13: npanomaly.kernels.cuda was missing from the wheel), outside the checkout."""
+    wheel = _build_wheel(tmp_path)
     names = zipfile.ZipFile(wheel).namelist()
-    assert "npanomaly/kernels/conv.py" in names and "npanomaly/kernels/_config.py" in names
+    assert "npanomaly/kernels/conv.py" in names and "npanomaly/kernels/cuda/ops.py" in names
+    assert "npanomaly/__main__.py" in names
     assert not any(name.startswith("kernels/") for name in names)
 
-    site = tmp_path / "site"
-    zipfile.ZipFile(wheel).extractall(site)
-    # PYTHONPATH comes before site-packages, so this imports the unpacked wheel, not the checkout.
-    script = ("import npanomaly, npanomaly.kernels as k, numpy as np; print(npanomaly.kernels.__file__); "
-              "x = np.ones((1, 1, 3, 3)); print(k.conv2d_forward(x, np.ones((1, 1, 3, 3)), None, 1, 1, 0, 0).item())")
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
-                            env={"PYTHONPATH": str(site), "PATH": "", "NUMBA_CACHE_DIR": str(tmp_path / "cache")},
-                            check=True)
-    kernels_file, value = result.stdout.split()
-    assert Path(kernels_file).is_relative_to(site)
-    assert float(value) == 9.0
+    venv_dir = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv_dir)], check=True)
+    python = venv_dir / "bin" / "python"
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    # The fresh venv has no pip and no network: the test's own pip installs into it, and NumPy/Numba
+    # come from this interpreter's site-packages through a path line. A .pth line adds the folder
+    # without running the .pth files inside it, so the checkout's editable install stays invisible.
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps",
+                    "--no-index", str(wheel)], check=True)
+    import numba
+    import numpy
+    deps = {str(Path(module.__file__).resolve().parents[1]) for module in (numpy, numba)}
+    (site / "_test_dependencies.pth").write_text("\n".join(sorted(deps)) + "\n")
+    modules = _source_modules()
+    assert "npanomaly.kernels.cuda.ops" in modules
+    script = ("import importlib, sys, npanomaly, numpy as np\n"
+              "for name in sys.argv[1:]:\n"
+              "    module = importlib.import_module(name)\n"
+              "    print(name, module.__file__)\n"
+              "x = np.ones((1, 1, 3, 3))\n"
+              "print('conv', npanomaly.kernels.conv2d_forward(x, np.ones((1, 1, 3, 3)), None, 1, 1, 0, 0).item())\n")
+    result = subprocess.run([str(python), "-c", script, *modules], cwd=tmp_path, capture_output=True, text=True,
+                            env={"PATH": "", "NUMBA_CACHE_DIR": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines())
+    assert set(modules) <= set(lines)
+    for name in modules:
+        assert Path(lines[name]).resolve().is_relative_to(site.resolve()), (name, lines[name])
+    assert float(lines["conv"]) == 9.0
 
 
 def _environment_after_import(preset):
