@@ -33,6 +33,18 @@ class Backbone:
     def channels(self, stage):
         return self._stage(stage)[1]
 
+    def stride(self, stage):
+        """Input pixels per feature position of a stage: blockK of the seed nets 2^K, strideN N,
+        head 32, the ResNets' layerK 2^(K+1)."""
+        self._stage(stage)
+        if stage.startswith("block"):
+            return 2 ** int(stage[len("block"):])
+        if stage.startswith("stride"):
+            return int(stage[len("stride"):])
+        if stage.startswith("layer"):
+            return 2 ** (int(stage[len("layer"):]) + 1)
+        return 32  # efficientnet_lite0's head
+
     def _stage(self, stage):
         if stage not in self.stages:
             raise ValueError(f"{self.name} has no stage {stage!r}; its stages are {sorted(self.stages)}")
@@ -71,22 +83,38 @@ class Backbone:
         return last.mean(axis=(2, 3)) @ weight.T + bias
 
     def load_weights(self, source):
-        """Load a torch checkpoint / .npz path or a state dict; keys and shapes must match exactly."""
-        state = load_torch_checkpoint(source) if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__") \
-            else dict(source)
+        """Load a torch checkpoint / .npz path or a state dict; keys and shapes must match exactly.
+
+        A checkpoint file's names and shapes are checked before any of its tensor data is read."""
+        if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__"):
+            state = load_torch_checkpoint(source, check=self._check_state)
+        else:
+            state = dict(source)
+            self._check_state({k: (np.shape(v), np.asarray(v).dtype) for k, v in state.items()})
         classifier = {k: state.pop(k) for k in list(state) if k in self._classifier_keys}
-        expected = set(self.net.state_dict())
-        # A checkpoint of the whole classifier network may hold layers after the last one built here.
-        extra = [k for k in state if k not in expected and not _is_beyond(k, self.net.names)]
-        missing = sorted(expected - set(state))
-        if missing or extra:
-            raise ValueError(f"weights do not match {self.name}: missing keys {missing[:8]}"
-                             f"{' ...' if len(missing) > 8 else ''}, unexpected keys {sorted(extra)[:8]}")
+        expected = self.net.state_dict()
         self.net.load_state_dict({k: v for k, v in state.items() if k in expected})
         if len(classifier) == 2:
             weight, bias = (classifier[k] for k in self._classifier_keys)
             self.classifier = (np.asarray(weight, np.float32), np.asarray(bias, np.float32))
         return self
+
+    def _check_state(self, shapes):
+        """Refuse a state dict {name: (shape, dtype)} whose keys or shapes do not match this network."""
+        expected = {k: v.shape for k, v in self.net.state_dict().items()}
+        names = [k for k in shapes if k not in self._classifier_keys]
+        # A checkpoint of the whole classifier network may hold layers after the last one built here.
+        extra = [k for k in names if k not in expected and not _is_beyond(k, self.net.names)]
+        missing = sorted(set(expected) - set(names))
+        if missing or extra:
+            raise ValueError(f"weights do not match {self.name}: missing keys {missing[:8]}"
+                             f"{' ...' if len(missing) > 8 else ''}, unexpected keys {sorted(extra)[:8]}")
+        for key, shape in expected.items():
+            if tuple(shapes[key][0]) != tuple(shape):
+                raise ValueError(f"weights do not match {self.name}: {key!r} has shape {tuple(shapes[key][0])}, "
+                                 f"expected {tuple(shape)}")
+            if shapes[key][1].kind not in "fiub":
+                raise ValueError(f"weights do not match {self.name}: {key!r} has dtype {shapes[key][1]}")
 
 
 def _is_beyond(key, names):
