@@ -15,9 +15,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from npanomaly._progress import Progress
-from npanomaly._validation import check_batch, check_finite, check_fitted, check_positive_int
+from npanomaly.checkpoint import read_npz
+from npanomaly._validation import (MAX_BATCH_SIZE, MAX_WIDTH, check_batch, check_finite, check_fitted,
+                                   check_fraction, check_image_size, check_positive_int)
 
 FORMAT_VERSION = 1
+#: The most bytes the arrays of one saved model may take (a 8,000-image wide_resnet50_2 bank at 10%
+#: is ~2.4 GB; raise it here for larger banks).
+MAX_MODEL_BYTES = 8 * 1024 ** 3
 _REGISTRY = {}
 
 
@@ -44,20 +49,47 @@ class Detector:
     _fitted_attribute = "threshold_"
 
     def __init__(self, in_channels, batch_size):
-        self.in_channels = check_positive_int(in_channels, "in_channels")
-        self.batch_size = check_positive_int(batch_size, "batch_size")
+        self.in_channels = check_positive_int(in_channels, "in_channels", maximum=MAX_WIDTH)
+        self.batch_size = check_positive_int(batch_size, "batch_size", maximum=MAX_BATCH_SIZE)
         self.threshold_ = None
         self.image_size_ = None
         self.show_progress = False  # progress bars on stderr for long steps (the CLI turns them on)
 
     # ----------------------------------------------------------------- input
+    @property
+    def min_image_size(self):
+        """The smallest image side the detector accepts: the stride of its deepest feature stage
+        (a smaller image has less than one feature position there)."""
+        return self._deepest_stage()[1]
+
+    def _deepest_stage(self):
+        backbone, stages = self._feature_stages()
+        stage = max(stages, key=backbone.stride)
+        return stage, backbone.stride(stage)
+
+    def _size_reason(self):
+        stage, stride = self._deepest_stage()
+        return f"the {self.backbone_name} backbone's {stage} stage (stride {stride})"
+
+    def _feature_stages(self):
+        """(the Backbone whose stages give the features, the stage names used) (subclasses)."""
+        raise NotImplementedError
+
     def _check_images(self, images, name="images", fitting=False):
-        """An [N, C, H, W] float batch with the model's channels (and the fitted image size), as float32."""
+        """An [N, C, H, W] float batch in [0, 1] with the model's channels (and the fitted image
+        size, or when fitting a size the backbone can take), as float32."""
         images = check_batch(images, name, self.in_channels)
         check_finite(images, name)
-        if not fitting and self.image_size_ is not None and images.shape[2:] != self.image_size_:
+        if fitting:
+            check_image_size(images.shape[2:], name, self.min_image_size, self._size_reason())
+        elif self.image_size_ is not None and images.shape[2:] != self.image_size_:
             raise ValueError(f"{name} must be {self.image_size_[0]}x{self.image_size_[1]} images like the ones "
                              f"the model was fitted on, got shape {images.shape}")
+        low, high = float(images.min()), float(images.max())
+        if low < 0.0 or high > 1.0:
+            raise ValueError(f"{name} must hold values in [0, 1] (8-bit pixels / 255), got values from {low:.4g} "
+                             f"to {high:.4g}; the pretrained backbones apply ImageNet's normalisation themselves, "
+                             "so pass images before any normalisation (np.clip(images, 0, 1) for resampling overshoot)")
         return images.astype(np.float32, copy=False)
 
     def _batches(self, images):
@@ -122,8 +154,7 @@ class Detector:
 
         With quantile=0.99 about 1% of normal images will be flagged. Returns self.
         """
-        if not isinstance(quantile, (int, float)) or not 0.0 < quantile <= 1.0:
-            raise ValueError(f"quantile must be in (0, 1], got {quantile!r}")
+        quantile = check_fraction(quantile, "quantile")
         scores = self.score_samples(normal_images)
         self.threshold_ = float(np.quantile(scores, quantile))
         return self
@@ -174,7 +205,7 @@ class Detector:
         device: run the loaded model on "cpu" or "cuda" (default: the device it was saved with).
         """
         arrays = read_model_file(path)
-        kind = str(arrays["model"])
+        kind = arrays["model"]
         if cls is not Detector and kind != cls.__name__:
             raise ValueError(f"{path} holds a {kind} model, not a {cls.__name__}; use npanomaly.load()")
         model_cls = _REGISTRY.get(kind)
@@ -182,31 +213,69 @@ class Detector:
             raise ValueError(f"{path} holds an unknown model type {kind!r}")
         try:
             config = json.loads(str(arrays["config"]))
+            if not isinstance(config, dict):
+                raise ValueError(f"its config is a {type(config).__name__}, not a dict")
             if device is not None:
                 config["device"] = device
             model = model_cls(**config)
             model._restore(arrays)
-            model.threshold_ = float(arrays["threshold"])
-            model.image_size_ = tuple(int(v) for v in arrays["image_size"])
-        except (KeyError, TypeError, ValueError) as error:
+            threshold = arrays["threshold"]
+            if threshold.shape != () or threshold.dtype.kind != "f" or not np.isfinite(threshold):
+                raise ValueError(f"its threshold must be a finite number, got {threshold!r}")
+            model.threshold_ = float(threshold)
+            model.image_size_ = check_image_size(arrays["image_size"].tolist(), "its image size",
+                                                 model.min_image_size, model._size_reason())
+            model._check_responsive()
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise ValueError(f"{path} is not a valid {kind} model file: {error}") from error
         return model
 
+    def _check_responsive(self):
+        """Refuse a model that cannot tell images apart.
+
+        Two different seeded noise images must get finite scores and maps that differ. A model
+        whose network was zeroed or saturated by an edited file would give every image the same
+        score and the same verdict; that is refused here rather than found out in production.
+        """
+        probes = np.random.default_rng(0).random((2, self.in_channels) + tuple(self.image_size_), dtype=np.float32)
+        show, self.show_progress = self.show_progress, False
+        try:
+            with np.errstate(all="ignore"):
+                scores, maps = self._stream(probes, want_maps=True)
+        finally:
+            self.show_progress = show
+        if not (np.isfinite(scores).all() and np.isfinite(maps).all()):
+            raise ValueError("it gives NaN or infinite scores (its weights or statistics overflow)")
+        if scores[0] == scores[1] and np.array_equal(maps[0], maps[1]):
+            raise ValueError("it gives two different images the same score and map: its network cannot tell "
+                             "images apart (edited weights or statistics?)")
+
+
+def is_model_file(path):
+    """True when path is a file that npanomaly.save wrote (an .npz with the format marker)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return {"npanomaly_format.npy", "model.npy"} <= set(archive.namelist())
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
+
 
 def read_model_file(path):
-    """All arrays of a saved model, checked for the format marker and version."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {name: data[name] for name in data.files}
-    except FileNotFoundError:
-        raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as error:
-        raise ValueError(f"{path} is not a readable npanomaly model file: {error}") from error
+    """All arrays of a saved model, checked for the format marker and version.
+
+    Each array's declared size is checked against the file before it is read (``read_npz``), so a
+    crafted file cannot make the loader allocate what it does not hold."""
+    arrays = read_npz(path, MAX_MODEL_BYTES, what="npanomaly model file")
     if "npanomaly_format" not in arrays or "model" not in arrays:
         raise ValueError(f"{path} is not an npanomaly model file (no format marker)")
-    version = int(arrays["npanomaly_format"])
+    try:
+        version = int(arrays["npanomaly_format"])
+        kind = str(arrays["model"])
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path} has a damaged format marker: {error}") from error
     if version != FORMAT_VERSION:
         raise ValueError(f"{path} has model format {version}; this npanomaly reads format {FORMAT_VERSION}")
+    arrays["model"] = kind
     return arrays
 
 

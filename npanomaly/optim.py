@@ -41,12 +41,37 @@ class Optimizer:
                 flat[f"{index}.{key}"] = np.asarray(value)
         return flat
 
+    #: the per-parameter state entries a subclass keeps: all of them or none, for each parameter
+    _state_keys = ()
+
     def load_state_dict(self, flat):
-        """Restore what state_dict() returned."""
-        self.state = [{} for _ in self.params]
+        """Restore what state_dict() returned, checked entry by entry (a saved file is input like any
+        other): known names only, each array the shape and dtype of its parameter and finite, second
+        moments >= 0, step counts whole numbers >= 1. Nothing changes when a check fails."""
+        state = [{} for _ in self.params]
         for name, value in flat.items():
-            index, key = name.split(".", 1)
-            self.state[int(index)][key] = np.array(value, copy=True) if np.ndim(value) else value.item()
+            index, _, key = str(name).partition(".")
+            if not index.isdigit() or int(index) >= len(self.params) or key not in self._state_keys:
+                raise ValueError(f"optimizer state has an unknown entry {name!r} for {type(self).__name__} with "
+                                 f"{len(self.params)} parameters")
+            param = self.params[int(index)].data
+            value = np.asarray(value)
+            if key == "step":
+                if value.shape != () or value.dtype.kind not in "iu" or value < 1:
+                    raise ValueError(f"optimizer state {name!r} must be a whole number >= 1, got {value!r}")
+                state[int(index)][key] = int(value)
+                continue
+            if value.shape != param.shape or value.dtype != param.dtype:
+                raise ValueError(f"optimizer state {name!r} has shape {value.shape} ({value.dtype}), expected "
+                                 f"{param.shape} ({param.dtype}) like its parameter")
+            if not np.isfinite(value).all() or (key == "exp_avg_sq" and value.min() < 0):
+                raise ValueError(f"optimizer state {name!r} holds NaN, infinite or (second moments) negative values")
+            state[int(index)][key] = np.array(value, copy=True)
+        for index, entries in enumerate(state):
+            if entries and set(entries) != set(self._state_keys):
+                raise ValueError(f"optimizer state of parameter {index} has {sorted(entries)}, expected all of "
+                                 f"{list(self._state_keys)}")
+        self.state = state
 
 
 class SGD(Optimizer):
@@ -55,6 +80,8 @@ class SGD(Optimizer):
     g = grad + weight_decay * p;  buf = g on the first step, else momentum * buf + (1 - dampening) * g;
     with nesterov the step direction is g + momentum * buf, otherwise buf;  p -= lr * direction.
     """
+
+    _state_keys = ("momentum_buffer",)
 
     def __init__(self, params, lr, momentum=0.0, weight_decay=0.0, dampening=0.0, nesterov=False):
         super().__init__(params, lr)
@@ -85,6 +112,8 @@ class Adam(Optimizer):
     m = b1*m + (1-b1)*g;  v = b2*v + (1-b2)*g^2;  t += 1;
     p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps).
     """
+
+    _state_keys = ("step", "exp_avg", "exp_avg_sq")
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         super().__init__(params, lr)

@@ -14,7 +14,8 @@ import numpy as np
 
 from npanomaly import backbones, kernels
 from npanomaly._progress import Progress
-from npanomaly._validation import check_finite, check_nonnegative_float, check_positive_int
+from npanomaly._validation import (MAX_BLUR_SIGMA, MAX_NEIGHBORS, MAX_WIDTH, check_fraction,
+                                   check_nonnegative_float, check_positive_int, check_state)
 from npanomaly.detector import Detector, register
 from npanomaly.maps import upsample_and_blur
 from npanomaly.search import greedy_coreset, knn
@@ -118,7 +119,7 @@ class PatchCore(Detector):
                  patch_size=3, target_dim=None, sampler="greedy", projection_dim=128, score="reweighted",
                  num_neighbors=9, threshold="mean+3std", blur_sigma=4.0, batch_size=8, device="cpu"):
         super().__init__(in_channels, batch_size)
-        self.feature_dim = check_positive_int(feature_dim, "feature_dim")
+        self.feature_dim = check_positive_int(feature_dim, "feature_dim", maximum=MAX_WIDTH)
         self.seed = check_positive_int(seed, "seed", minimum=0)
         self.backbone_name = backbones.check_backbone(backbone, self.in_channels)
         layers = DEFAULT_LAYERS[backbone] if layers is None else tuple(layers)
@@ -132,17 +133,19 @@ class PatchCore(Detector):
         self.patch_size = check_positive_int(patch_size, "patch_size")
         if self.patch_size % 2 == 0:
             raise ValueError(f"patch_size must be odd (a centred neighbourhood), got {patch_size}")
-        self.target_dim = None if target_dim is None else check_positive_int(target_dim, "target_dim")
+        channels = sum(extractor.channels(layer) for layer in self.layers)
+        self.target_dim = None if target_dim is None else check_positive_int(target_dim, "target_dim",
+                                                                             maximum=channels)
         for name, value, allowed in (("sampler", sampler, ("greedy", "uniform")),
                                      ("score", score, ("reweighted", "max")),
                                      ("threshold", threshold, ("mean+3std",))):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         self.sampler, self.score, self.threshold_rule = sampler, score, threshold
-        self.projection_dim = None if projection_dim is None else check_positive_int(projection_dim,
-                                                                                     "projection_dim")
-        self.num_neighbors = check_positive_int(num_neighbors, "num_neighbors")
-        self.blur_sigma = check_nonnegative_float(blur_sigma, "blur_sigma")
+        self.projection_dim = None if projection_dim is None else check_positive_int(
+            projection_dim, "projection_dim", maximum=MAX_WIDTH)
+        self.num_neighbors = check_positive_int(num_neighbors, "num_neighbors", maximum=MAX_NEIGHBORS)
+        self.blur_sigma = check_nonnegative_float(blur_sigma, "blur_sigma", maximum=MAX_BLUR_SIGMA)
         extractor.net.eval().requires_grad_(False)
         self.device = device
         extractor.net.to_device(device)
@@ -192,9 +195,7 @@ class PatchCore(Detector):
 
         coreset_ratio in (0, 1]: the fraction of all patch features kept in the bank. Returns self.
         """
-        if not isinstance(coreset_ratio, (int, float)) or isinstance(coreset_ratio, bool) \
-                or not 0.0 < coreset_ratio <= 1.0:
-            raise ValueError(f"coreset_ratio must be in (0, 1], got {coreset_ratio!r}")
+        coreset_ratio = check_fraction(coreset_ratio, "coreset_ratio")
         images = self._check_images(normal_images, "normal_images", fitting=True)
         parts = []
         with Progress(images.shape[0], "feature extraction", self.show_progress) as bar:
@@ -212,6 +213,9 @@ class PatchCore(Detector):
         self.image_size_ = images.shape[2:]
         self.threshold_ = nearest_other_threshold(self.memory_bank_)
         return self
+
+    def _feature_stages(self):
+        return self.feature_extractor, self.layers
 
     @property
     def feature_size(self):
@@ -248,12 +252,13 @@ class PatchCore(Detector):
         return arrays
 
     def _restore(self, arrays):
-        self.backbone.load_state_dict({name[len("backbone/"):]: value for name, value in arrays.items()
-                                       if name.startswith("backbone/")})
-        bank = np.ascontiguousarray(arrays["memory_bank"], dtype=np.float32)
-        if bank.ndim != 2 or bank.shape[1] != self.feature_size or bank.shape[0] == 0:
-            raise ValueError(f"memory_bank has shape {bank.shape}, expected [M, {self.feature_size}]")
-        check_finite(bank, "memory_bank")
-        self.memory_bank_ = bank
+        state = {name[len("backbone/"):]: value for name, value in arrays.items() if name.startswith("backbone/")}
+        check_state(state, "backbone parameter")
+        self.backbone.load_state_dict(state)
+        bank = arrays["memory_bank"]
+        if bank.ndim != 2 or bank.shape[1] != self.feature_size or bank.shape[0] == 0 or bank.dtype.kind != "f":
+            raise ValueError(f"memory_bank has shape {bank.shape} ({bank.dtype}), expected float [M, {self.feature_size}]")
+        check_state({"memory_bank": bank}, "the")
+        self.memory_bank_ = np.ascontiguousarray(bank, dtype=np.float32)
 
 

@@ -20,7 +20,8 @@ import time
 import numpy as np
 
 from npanomaly import backbones, kernels, nn, optim
-from npanomaly._validation import check_finite, check_nonnegative_float, check_positive_int
+from npanomaly._validation import (MAX_BLUR_SIGMA, MAX_WIDTH, check_fraction, check_nonnegative_float,
+                                   check_positive_int, check_state)
 from npanomaly.detector import Detector, register
 from npanomaly.maps import upsample_and_blur
 
@@ -28,6 +29,10 @@ NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize's default
 DEFAULT_STAGES = {"seed": ("block1", "block2"), "efficientnet_lite0": ("stride4", "stride8", "stride16"),
                   "resnet18": ("layer1", "layer2", "layer3"), "resnet50": ("layer1", "layer2", "layer3"),
                   "wide_resnet50_2": ("layer1", "layer2", "layer3")}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the student's weights stopped being finite during fit(); the model is left as it was."""
 
 
 def two_stage_net(in_channels, hidden, feature_dim, rng):
@@ -60,13 +65,13 @@ class StudentTeacher(Detector):
     def __init__(self, in_channels=3, feature_dim=128, seed=0, *, backbone="seed", weights=None, multiscale=None,
                  stages=None, blur_sigma=0.0, batch_size=8, device="cpu"):
         super().__init__(in_channels, batch_size)
-        self.feature_dim = check_positive_int(feature_dim, "feature_dim")
+        self.feature_dim = check_positive_int(feature_dim, "feature_dim", maximum=MAX_WIDTH)
         self.seed = check_positive_int(seed, "seed", minimum=0)
         self.backbone_name = backbones.check_backbone(backbone, self.in_channels)
         if backbone != "seed" and multiscale is False:
             raise ValueError("a pretrained teacher is compared at several stages: multiscale must be True")
         self.multiscale = bool(multiscale) or backbone != "seed"
-        self.blur_sigma = check_nonnegative_float(blur_sigma, "blur_sigma")
+        self.blur_sigma = check_nonnegative_float(blur_sigma, "blur_sigma", maximum=MAX_BLUR_SIGMA)
         rng = np.random.default_rng(self.seed)
         if backbone == "seed":
             self._teacher = two_stage_net(self.in_channels, 64, self.feature_dim, rng)
@@ -95,6 +100,9 @@ class StudentTeacher(Detector):
     def default_rgb(cls):
         """StudentTeacher(3, 128), the seed's default."""
         return cls(3, 128)
+
+    def _feature_stages(self):
+        return self._teacher, self.stages
 
     # ----------------------------------------------------------------- modes
     def student_parameters(self):
@@ -166,6 +174,11 @@ class StudentTeacher(Detector):
         quantile of the training images' scores (a student that fits its training set well makes
         that threshold low; prefer held-out images or calibrate_threshold). ``warm_start`` continues
         with the optimizer state of the previous fit (or of a loaded model). Returns self.
+
+        Training stops at the first step whose loss or updated weights are not finite (a learning
+        rate too large for the data) with ``TrainingDiverged`` naming the epoch; the student, its
+        optimizer state and the histories are then put back as they were before this call, so a
+        diverged fit never leaves (or lets anyone save) a NaN model.
         """
         epochs = check_positive_int(epochs, "epochs")
         batch_size = check_positive_int(batch_size, "batch_size")
@@ -174,10 +187,10 @@ class StudentTeacher(Detector):
             raise ValueError("lr must be > 0")
         if optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
-        if not 0.0 < quantile <= 1.0:
-            raise ValueError(f"quantile must be in (0, 1], got {quantile!r}")
+        quantile = check_fraction(quantile, "quantile")
         images = self._check_images(normal_images, "normal_images", fitting=True)
         held_out = None if validation is None else self._check_images(validation, "validation", fitting=True)
+        before = self._snapshot()
         if self.image_size_ is None:
             self.image_size_ = images.shape[2:]
         self._calibrate_teacher(images)
@@ -197,7 +210,15 @@ class StudentTeacher(Detector):
                 batch = images[chosen]
                 if batch.shape[0] * batch.shape[2] * batch.shape[3] < 4:
                     continue  # batch norm needs several values per channel; only a 1-image tail of 1x1 images
-                losses.append(self.train_step(batch, self.optimizer_) * batch.shape[0])
+                with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # checked just below
+                    loss = self.train_step(batch, self.optimizer_)
+                if not (np.isfinite(loss) and all(kernels.all_finite(p.data) for p in self.student_parameters())):
+                    self._restore_snapshot(before)
+                    raise TrainingDiverged(
+                        f"training diverged in epoch {epoch + 1}/{epochs}: the loss became {loss:.4g} and the "
+                        f"student's weights are no longer finite; nothing of this fit was kept. Use a smaller "
+                        f"learning rate than lr={lr:g} (e.g. lr={lr / 10:g})")
+                losses.append(loss * batch.shape[0])
             self.loss_history_.append(float(np.sum(losses) / images.shape[0]))
             rate = images.shape[0] / (time.perf_counter() - start)
             message = f"epoch {len(self.loss_history_):3d}/{epochs}: loss {self.loss_history_[-1]:.6f}"
@@ -211,6 +232,29 @@ class StudentTeacher(Detector):
         self.threshold_ = 0.0  # marks the model as fitted for score_samples
         self.calibrate_threshold(held_out if held_out is not None else images, quantile)
         return self
+
+    def _snapshot(self):
+        """Copies of everything fit() changes in the student, to put back if training diverges."""
+        optimizer = None
+        if self.optimizer_ is not None:
+            optimizer = (self.optimizer_, self.optimizer_.lr,
+                         {k: np.array(v, copy=True) for k, v in self.optimizer_.state_dict().items()})
+        return (self.student.state_dict(), optimizer, list(self.loss_history_), list(self.val_loss_history_),
+                self.threshold_, self.image_size_)
+
+    def _restore_snapshot(self, snapshot):
+        student, optimizer, losses, val_losses, threshold, image_size = snapshot
+        self.student.load_state_dict(student)
+        for param in self.student_parameters():
+            param.grad = None
+        if optimizer is None:
+            self.optimizer_ = None
+        else:
+            self.optimizer_, self.optimizer_.lr = optimizer[0], optimizer[1]
+            self.optimizer_.load_state_dict(optimizer[2])
+        self.loss_history_, self.val_loss_history_ = losses, val_losses
+        self.threshold_, self.image_size_ = threshold, image_size
+        self.eval()
 
     def _calibrate_teacher(self, images):
         """Estimate the teacher's batch-norm statistics once from the normal images.
@@ -282,14 +326,20 @@ class StudentTeacher(Detector):
 
     def _restore(self, arrays):
         for prefix, net in (("teacher/", self.teacher), ("student/", self.student)):
-            net.load_state_dict({k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
-            for param in net.parameters():
-                check_finite(param.data, f"{prefix}parameters")
+            state = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+            check_state(state, f"{prefix[:-1]} parameter")
+            net.load_state_dict(state)
+        for name in ("loss_history", "val_loss_history"):
+            if arrays[name].ndim != 1 or arrays[name].dtype.kind != "f":
+                raise ValueError(f"{name} must be a 1-D float array, got {arrays[name].shape} {arrays[name].dtype}")
         self.loss_history_ = arrays["loss_history"].tolist()
         self.val_loss_history_ = arrays["val_loss_history"].tolist()
         if "optimizer/kind" in arrays:
             kind = str(arrays["optimizer/kind"])
-            params, lr = self.student_parameters(), float(arrays["optimizer/lr"])
+            if kind not in ("Adam", "SGD"):
+                raise ValueError(f"optimizer/kind must be 'Adam' or 'SGD', got {kind!r}")
+            params = self.student_parameters()
+            lr = check_nonnegative_float(float(arrays["optimizer/lr"]), "optimizer/lr")
             self.optimizer_ = optim.Adam(params, lr=lr) if kind == "Adam" else optim.SGD(params, lr, momentum=0.9)
             prefix = "optimizer/state/"
             self.optimizer_.load_state_dict({k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})

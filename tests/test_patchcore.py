@@ -157,11 +157,17 @@ def test_options(normal):
     assert pc.memory_bank.shape[0] == int(4 * 24 * 24 * 0.05)  # block1 grid of a 48x48 image is 24x24
 
 
-def test_one_pixel_images_work():
-    images = np.random.default_rng(0).random((3, 3, 1, 1)).astype(np.float32)
+def test_the_smallest_images_are_the_deepest_stage_s_stride():
+    """8x8 gives block3 one position; 7 pixels on either side would give the backbone less than one."""
+    images = np.random.default_rng(0).random((3, 3, 8, 8)).astype(np.float32)
     pc = PatchCore(feature_dim=16).fit(images, coreset_ratio=1.0)
-    assert pc.memory_bank.shape == (3, 144)
-    assert pc.anomaly_map(images).shape == (3, 1, 1)
+    assert pc.min_image_size == 8
+    assert pc.memory_bank.shape == (3 * 4, 144)  # block2's 2x2 grid
+    assert pc.anomaly_map(images).shape == (3, 8, 8)
+    for shape in ((3, 3, 7, 8), (3, 3, 8, 7), (3, 3, 1, 1)):
+        with pytest.raises(ValueError, match=r"block3 stage \(stride 8\) needs at least 8x8"):
+            PatchCore(feature_dim=16).fit(np.zeros(shape, np.float32))
+    assert PatchCore(layers=("block1", "block2")).min_image_size == 4
 
 
 # ----------------------------------------------------------------------------- persistence
@@ -209,9 +215,11 @@ def test_errors(fitted, normal):
         PatchCore().predict(normal)
     with pytest.raises(RuntimeError, match="not fitted"):
         PatchCore().save("never.npz")
-    for bad_ratio in (0, -0.1, 1.5, float("nan"), "0.1"):
+    for bad_ratio in (0, -0.1, 1.5, float("nan"), np.float32(1.5)):
         with pytest.raises(ValueError, match="coreset_ratio must be in"):
             PatchCore(feature_dim=16).fit(normal, coreset_ratio=bad_ratio)
+    with pytest.raises(TypeError, match="coreset_ratio must be a number in"):
+        PatchCore(feature_dim=16).fit(normal, coreset_ratio="0.1")
     with pytest.raises(ValueError, match="3 channels"):
         fitted.predict(normal[:, :1])
     with pytest.raises(ValueError, match="48x48 images like the ones"):
