@@ -41,7 +41,7 @@ from .pooling import (
     max_pool2d_forward,
     pool2d_output_size,
 )
-from .reduce import all_finite, channel_mean_squared_difference, squared_difference_loss
+from .reduce import all_below, all_finite, channel_mean_squared_difference, squared_difference_loss
 from .resize import bilinear_resize, gaussian_blur, gaussian_kernel1d
 
 
@@ -61,6 +61,7 @@ def for_device(device):
 
 
 __all__ = [
+    "all_below",
     "all_finite",
     "bilinear_resize",
     "block_dots",

@@ -7,18 +7,23 @@ from ._config import PARALLEL_JIT_OPTIONS, REDUCTION_JIT_OPTIONS
 
 
 @njit(**PARALLEL_JIT_OPTIONS)
-def all_finite(x):
-    """True when no element of x is NaN or infinite.
+def all_below(x, bound):
+    """True when every |x_i| < bound; NaN never is (so all_below(x, inf) means "all finite").
 
-    Shapes: x [...] C-contiguous -> bool. Unlike np.isfinite(x).all() it allocates nothing.
+    Shapes: x [...] C-contiguous, bound float -> bool. Unlike np.abs(x).max() it allocates nothing.
     Parallel: a sum reduction over elements (numba gives each thread its own partial count).
     """
     flat = x.reshape(x.size)
     bad = 0
     for i in prange(flat.size):
-        if not np.isfinite(flat[i]):
+        if not abs(flat[i]) < bound:
             bad += 1
     return bad == 0
+
+
+def all_finite(x):
+    """True when no element of x is NaN or infinite (x C-contiguous; allocates nothing)."""
+    return all_below(x, np.inf)
 
 
 @njit(**REDUCTION_JIT_OPTIONS)

@@ -11,9 +11,12 @@ import time
 
 import npanomaly
 from npanomaly import metrics, synthetic
+from npanomaly._files import check_output
+from npanomaly._validation import check_image_size
 from npanomaly.data import load_images, open_dataset
+from npanomaly.detector import is_model_file
 from npanomaly.png import write_png
-from npanomaly.report import heatmap_overlay, section, write_report
+from npanomaly.report import heatmap_overlay, is_report, section, write_report
 
 MODELS = {"patchcore": "PatchCore", "student-teacher": "StudentTeacher"}
 
@@ -48,6 +51,35 @@ def _make_model(name, args):
     return model
 
 
+def _check_size(size, model, option="--size"):
+    """The square image size for a model: refused before any image is read or any array allocated."""
+    return check_image_size((size, size), option, model.min_image_size, model._size_reason())
+
+
+def _dataset_files(dataset):
+    """Every file a data set command reads (training and test images, masks)."""
+    return list(dataset.train_paths) + [item.path for item in dataset.test_items] + [
+        item.mask_path for item in dataset.test_items if item.mask_path]
+
+
+def _heatmap_names(paths):
+    """One distinct file name per input image: <stem>_heatmap.png, and for a repeated stem
+    <stem>_<index>_heatmap.png (index in the argument list), with more suffixes until no name
+    repeats (compared without case, for case-insensitive file systems)."""
+    used, names = set(), []
+    for index, path in enumerate(paths):
+        stem = os.path.splitext(os.path.basename(path))[0]
+        name, extra = f"{stem}_heatmap.png", 1
+        if name.lower() in used:
+            name = f"{stem}_{index}_heatmap.png"
+        while name.lower() in used:
+            extra += 1
+            name = f"{stem}_{index}_{extra}_heatmap.png"
+        used.add(name.lower())
+        names.append(name)
+    return names
+
+
 def _fit(model, train, held_out, args):
     if isinstance(model, npanomaly.PatchCore):
         model.fit(train, coreset_ratio=args.coreset_ratio)
@@ -61,6 +93,7 @@ def _fit(model, train, held_out, args):
 
 def command_demo(args):
     """Generate the built-in data, fit both detectors on each texture, print and report the metrics."""
+    _check_size(args.size, _make_model("patchcore", args))
     os.makedirs(args.out, exist_ok=True)
     sections, rows = [], []
     for style in synthetic.STYLES:
@@ -93,8 +126,10 @@ def command_demo(args):
 
 def command_fit(args):
     model = _make_model(args.model, args)  # first: a bad backbone or weights file fails before any image loads
+    size = _check_size(args.size, model)
     dataset = open_dataset(args.data)
-    size = (args.size, args.size)
+    check_output(args.out, "--out", inputs=_dataset_files(dataset) + ([args.weights] if args.weights else []),
+                 is_ours=is_model_file, kind="npanomaly model", force=args.force)
     train = dataset.train_images(size)
     _say(args, f"{len(train)} training images from {args.data}, resized to {args.size}x{args.size}")
     held_out = None
@@ -110,21 +145,25 @@ def command_fit(args):
 def command_predict(args):
     model = npanomaly.load(args.model)
     model.show_progress = not args.quiet and not args.json
+    heatmaps = []
+    if args.heatmaps:
+        if os.path.exists(args.heatmaps) and not os.path.isdir(args.heatmaps):
+            raise ValueError(f"--heatmaps {args.heatmaps} is a file, not a folder")
+        os.makedirs(args.heatmaps, exist_ok=True)
+        heatmaps = [os.path.join(args.heatmaps, name) for name in _heatmap_names(args.images)]
+        for path in heatmaps:  # files named *_heatmap.png are ours to replace, never an input or the model
+            check_output(path, "--heatmaps", inputs=[args.model] + list(args.images), is_ours=lambda _: True)
     images = load_images(args.images, model.image_size_)
     results = model.predict(images)
-    if args.heatmaps:
-        os.makedirs(args.heatmaps, exist_ok=True)
+    if heatmaps:
         low = min(float(r.heatmap.min()) for r in results)
         high = max(float(r.heatmap.max()) for r in results)
-        used = set()
-        for index, (path, image, result) in enumerate(zip(args.images, images, results)):
-            stem = os.path.splitext(os.path.basename(path))[0]
-            name = f"{stem}_heatmap.png" if stem not in used else f"{stem}_{index}_heatmap.png"
-            used.add(stem)
-            write_png(os.path.join(args.heatmaps, name), heatmap_overlay(image, result.heatmap, low, high))
+        for path, image, result in zip(heatmaps, images, results):
+            write_png(path, heatmap_overlay(image, result.heatmap, low, high))
     if args.json:
-        print(json.dumps([{"image": path, "score": r.score, "is_anomalous": r.is_anomalous}
-                          for path, r in zip(args.images, results)], indent=2))
+        print(json.dumps([dict({"image": path, "score": r.score, "is_anomalous": r.is_anomalous},
+                               **({"heatmap": heatmaps[i]} if heatmaps else {}))
+                          for i, (path, r) in enumerate(zip(args.images, results))], indent=2))
     else:
         for path, result in zip(args.images, results):
             print(f"{path}\t{result.score:.6f}\t{'ANOMALOUS' if result.is_anomalous else 'normal'}")
@@ -135,6 +174,9 @@ def command_eval(args):
     model = npanomaly.load(args.model)
     model.show_progress = not args.quiet
     dataset = open_dataset(args.data)
+    if args.report:
+        check_output(args.report, "--report", inputs=[args.model] + _dataset_files(dataset), is_ours=is_report,
+                     kind="npanomaly report", force=args.force)
     images, labels, masks, defects = dataset.test_images(model.image_size_)
     scores, maps, table, predict_s = _evaluate(model, images, labels, masks)
     for key, value in table.items():
@@ -173,7 +215,10 @@ def build_parser():
                      help="seed (random, the default), efficientnet_lite0 (ImageNet weights from npanomaly[pretrained]), "
                           "resnet18, resnet50 or wide_resnet50_2 (with --weights)")
     fit.add_argument("--weights", help="torchvision checkpoint (.pth) or .npz of the backbone's weights")
-    fit.add_argument("--out", default="model.npz", help="where to save the model (default %(default)s)")
+    fit.add_argument("--out", default="model.npz",
+                     help="where to save the model (default %(default)s); an existing file that is not an npanomaly "
+                          "model is only replaced with --force")
+    fit.add_argument("--force", action="store_true", help="replace --out even if it is not an npanomaly model")
     fit.add_argument("--size", type=int, default=128, help="images are resized to SIZE x SIZE (default %(default)s)")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--coreset-ratio", type=float, default=0.1)
@@ -192,7 +237,10 @@ def build_parser():
     evaluate = commands.add_parser("eval", parents=[common], help="metrics of a saved model on a labelled data set")
     evaluate.add_argument("model")
     evaluate.add_argument("data")
-    evaluate.add_argument("--report", metavar="FILE.html", help="write a self-contained HTML report")
+    evaluate.add_argument("--report", metavar="FILE.html",
+                          help="write a self-contained HTML report (an existing file that is not an npanomaly report "
+                               "is only replaced with --force; never the model or an input)")
+    evaluate.add_argument("--force", action="store_true", help="replace --report even if it is not an npanomaly report")
     evaluate.set_defaults(run=command_eval)
     return parser
 
@@ -203,6 +251,9 @@ def main(argv=None):
         return args.run(args)
     except (ValueError, TypeError, RuntimeError, OSError) as error:
         print(f"npanomaly: error: {error}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print("npanomaly: error: out of memory (try a smaller --size or --batch-size)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("npanomaly: interrupted", file=sys.stderr)

@@ -5,7 +5,9 @@ PNG is read by ``npanomaly.png``; other formats need Pillow (``pip install npano
 """
 
 import os
+import struct
 import warnings
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,8 +18,19 @@ from npanomaly.png import read_png
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
+# Rows of a large image converted to float at a time while it is shrunk (bounds the float copy).
+STRIP_BYTES = 32 * 1024 * 1024
+
+
 def read_image(path):
-    """The pixels of an image file as uint8/uint16 [H, W] or [H, W, C]."""
+    """The pixels of an image file: uint8/uint16 [H, W] or [H, W, C] (C = 2: grey + alpha, 3: RGB,
+    4: RGBA), or float32 in [0, 1] for floating-point files.
+
+    PNG is read by npanomaly.png. Other formats go through Pillow, converted by its own rules where
+    the stored values are not intensities: palette images to RGB(A), 1-bit to 0/255, CMYK, YCbCr,
+    LAB and HSV to RGB; 16-bit and 32-bit integer images are kept as uint16 when their values fit;
+    32-bit float images must hold values in [0, 1]. Anything else is refused with the mode named.
+    """
     if str(path).lower().endswith(".png"):
         return read_png(path)
     try:
@@ -26,23 +39,96 @@ def read_image(path):
         raise ValueError(f"reading {os.path.basename(str(path))} needs Pillow (pip install npanomaly[images]); "
                          "PNG files are read without it") from error
     with Image.open(path) as image:
+        return _pillow_pixels(image)
+
+
+def _pillow_pixels(image):
+    """A Pillow image's intensities as read_image returns them (see there)."""
+    mode = image.mode
+    if mode in ("L", "LA", "RGB", "RGBA"):
         return np.asarray(image)
+    if mode == "1":
+        return np.asarray(image.convert("L"))
+    if mode in ("P", "PA"):
+        transparent = mode == "PA" or "transparency" in image.info
+        return np.asarray(image.convert("RGBA" if transparent else "RGB"))
+    if mode in ("CMYK", "YCbCr", "LAB", "HSV", "RGBX"):
+        return np.asarray(image.convert("RGB"))
+    if mode in ("RGBa", "La"):  # alpha premultiplied: Pillow divides it out
+        return np.asarray(image.convert("RGBA" if mode == "RGBa" else "LA"))
+    if mode.startswith("I"):  # I;16, I;16B, I;16L, I;16N and the 32-bit integer mode I
+        values = np.asarray(image)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(f"a {mode} image with values from {values.min()} to {values.max()}, beyond 16 bits; "
+                             "convert it to 8 or 16 bit")
+        return values.astype(np.uint16)
+    if mode == "F":
+        values = np.asarray(image, dtype=np.float32)
+        if values.size and not (np.isfinite(values).all() and values.min() >= 0.0 and values.max() <= 1.0):
+            raise ValueError(f"a floating-point image with values from {np.nanmin(values):.4g} to "
+                             f"{np.nanmax(values):.4g}; npanomaly takes floating-point images in [0, 1] only")
+        return values
+    raise ValueError(f"images of Pillow mode {mode!r} are not supported; convert it to RGB")
+
+
+def _scale(pixels):
+    """The divisor that maps pixel values to [0, 1]."""
+    if pixels.dtype == np.uint16:
+        return 65535.0
+    if pixels.dtype == np.uint8:
+        return 255.0
+    if pixels.dtype == np.float32:
+        return 1.0
+    raise ValueError(f"unsupported pixel type {pixels.dtype}")
+
+
+def _colour_planes(pixels):
+    """Pixels [H, W(, C)] -> their colour planes [k, H, W] (k = 1 grey or 3 RGB; alpha dropped), still integers."""
+    planes = pixels[:, :, None] if pixels.ndim == 2 else pixels
+    planes = planes[:, :, :3] if planes.shape[2] >= 3 else planes[:, :, :1]
+    return planes.transpose(2, 0, 1)
+
+
+def _resized_planes(planes, scale, size):
+    """Integer planes [k, H, W] -> float32 [k, h, w] in [0, 1], resized as resize() does.
+
+    A large image is box-averaged STRIP_BYTES of float rows at a time, so the float copy never holds
+    the whole image; pooling windows never cross strips, so the result equals resizing at once.
+    """
+    k, height, width = planes.shape
+    if size is None or (height, width) == tuple(size):
+        return planes.astype(np.float32) / np.float32(scale)
+    factor_h, factor_w = max(1, height // size[0]), max(1, width // size[1])
+    if factor_h == 1 and factor_w == 1:
+        return resize(planes.astype(np.float32)[None] / np.float32(scale), size)[0]
+    rows = factor_h * max(1, STRIP_BYTES // (4 * k * width * factor_h))
+    pooled = []
+    for top in range(0, (height // factor_h) * factor_h, rows):
+        strip = planes[:, top:min(top + rows, (height // factor_h) * factor_h)].astype(np.float32)[None]
+        strip /= np.float32(scale)
+        pooled.append(kernels.avg_pool2d_forward(np.ascontiguousarray(strip), factor_h, factor_w, factor_h,
+                                                 factor_w, 0, 0, True))
+    shrunk = np.concatenate(pooled, axis=2)
+    if shrunk.shape[2:] != tuple(size):
+        shrunk = kernels.bilinear_resize(np.ascontiguousarray(shrunk), size[0], size[1])
+    return shrunk[0]
+
+
+def _to_channels(image, channels):
+    """float [k, h, w] (k = 1 or 3) -> [channels, h, w]: grey repeated for RGB, RGB averaged for grey."""
+    if image.shape[0] == channels:
+        return image
+    if channels == 1 and image.shape[0] == 3:
+        return image.mean(axis=0, keepdims=True)
+    if channels == 3 and image.shape[0] == 1:
+        return np.repeat(image, 3, axis=0)
+    raise ValueError(f"cannot make a {channels}-channel image from one with {image.shape[0]} channels")
 
 
 def to_float_chw(pixels, channels=3):
-    """uint8/uint16 pixels [H, W(, C)] -> float32 [channels, H, W] in [0, 1]; grey is repeated for RGB, alpha dropped."""
-    scale = 65535.0 if pixels.dtype == np.uint16 else 255.0
-    image = pixels.astype(np.float32) / np.float32(scale)
-    if image.ndim == 2:
-        image = image[:, :, None]
-    colour = image[:, :, :3] if image.shape[2] >= 3 else image[:, :, :1]
-    if channels == 1:
-        colour = colour.mean(axis=2, keepdims=True) if colour.shape[2] == 3 else colour
-    elif channels == 3 and colour.shape[2] == 1:
-        colour = np.repeat(colour, 3, axis=2)
-    elif colour.shape[2] != channels:
-        raise ValueError(f"cannot make a {channels}-channel image from one with {colour.shape[2]} channels")
-    return np.ascontiguousarray(colour.transpose(2, 0, 1))
+    """Pixels [H, W(, C)] (uint8, uint16 or float32 in [0, 1]) -> float32 [channels, H, W] in [0, 1];
+    grey is repeated for RGB, alpha dropped."""
+    return np.ascontiguousarray(_to_channels(_resized_planes(_colour_planes(pixels), _scale(pixels), None), channels))
 
 
 def to_rgb_hwc(image):
@@ -69,36 +155,83 @@ def resize(images, size):
     return images
 
 
-def load_images(paths, size=None, channels=3):
-    """Load image files into one float32 batch [N, channels, h, w]; size=None requires equal sizes."""
+def _read(path):
+    """read_image, with every failure (damaged file, unknown format, Pillow's errors) naming the file."""
+    try:
+        return read_image(path)
+    except (ValueError, OSError, SyntaxError, struct.error, zlib.error) as error:
+        if isinstance(error, FileNotFoundError):
+            raise
+        raise ValueError(f"{path}: {error}") from error
+
+
+def load_image(path, size=None, channels=3):
+    """One image file as float32 [channels, h, w] in [0, 1], resized to size = (h, w) if given.
+
+    Shrinks before it converts and expands channels, so a huge grey image costs its pixels and a
+    strip of floats, not three float copies of itself.
+    """
+    pixels = _read(path)
+    try:
+        image = _resized_planes(_colour_planes(pixels), _scale(pixels), size)
+        return np.ascontiguousarray(_to_channels(image, channels)), pixels.shape[:2]
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from error
+
+
+def load_images(paths, size=None, channels=3, return_sizes=False):
+    """Load image files into one float32 batch [N, channels, h, w]; size=None requires equal sizes.
+
+    return_sizes: also return each file's own (height, width) before resizing.
+    """
     paths = list(paths)
     if not paths:
         raise ValueError("no image files given")
-    out = []
-    for path in paths:
-        try:
-            image = to_float_chw(read_image(path), channels)[None]
-        except ValueError as error:
-            raise ValueError(f"{path}: {error}") from error
+    out = np.empty((len(paths), channels) + tuple(size), np.float32) if size is not None else []
+    sizes = []
+    for index, path in enumerate(paths):
+        image, original = load_image(path, size, channels)
+        sizes.append(original)
         if size is not None:
-            image = resize(image, size)
-        elif out and image.shape != out[0].shape:
-            raise ValueError(f"images have different sizes ({os.path.basename(str(paths[0]))} is "
-                             f"{out[0].shape[2]}x{out[0].shape[3]}, {os.path.basename(str(path))} is "
-                             f"{image.shape[2]}x{image.shape[3]}): pass size=(h, w) to resize them")
-        out.append(image)
-    return np.concatenate(out).astype(np.float32)
-
-
-def load_masks(paths, size):
-    """Ground-truth masks [N, h, w] bool (non-zero = defect); None entries give all-normal masks."""
-    masks = []
-    for path in paths:
-        if path is None:
-            masks.append(np.zeros((1, 1) + tuple(size), np.float32))
+            out[index] = image
             continue
-        masks.append(resize(to_float_chw(read_image(path), 1)[None], size))
-    return np.concatenate(masks)[:, 0] >= 0.5
+        if out and image.shape != out[0].shape:
+            raise ValueError(f"images have different sizes ({os.path.basename(str(paths[0]))} is "
+                             f"{out[0].shape[1]}x{out[0].shape[2]}, {os.path.basename(str(path))} is "
+                             f"{image.shape[1]}x{image.shape[2]}): pass size=(h, w) to resize them")
+        out.append(image)
+    batch = out if size is not None else np.stack(out)
+    return (batch, sizes) if return_sizes else batch
+
+
+def read_mask(path):
+    """A ground-truth mask file as bool [H, W]: a pixel is defective where any colour channel is
+    non-zero (alpha ignored). So 0/255 masks, 0/1 masks (common in public data sets) and palette
+    or colour masks with the defect drawn in any colour on black all read the same."""
+    planes = _colour_planes(_read(path))
+    return (planes != 0).any(axis=0)
+
+
+def load_masks(paths, size, image_sizes=None):
+    """Ground-truth masks [N, h, w] bool (see read_mask); None entries give all-normal masks.
+
+    image_sizes: each mask's image's own (height, width). A mask of another aspect ratio than its
+    image belongs to another image and is refused; one of another size but the same aspect ratio
+    is resized to it with a warning.
+    """
+    masks = np.zeros((len(paths),) + tuple(size), bool)
+    for index, path in enumerate(paths):
+        if path is None:
+            continue
+        mask = read_mask(path)
+        if image_sizes is not None and mask.shape != tuple(image_sizes[index]):
+            (mh, mw), (ih, iw) = mask.shape, image_sizes[index]
+            if abs(mh * iw - mw * ih) > max(mh * iw, mw * ih) * 0.01:
+                raise ValueError(f"{path} is {mh}x{mw} but its image is {ih}x{iw}: another aspect ratio, so it "
+                                 "cannot be this image's mask")
+            warnings.warn(f"{path} is {mh}x{mw} but its image is {ih}x{iw}; resizing the mask", stacklevel=3)
+        masks[index] = resize(mask.astype(np.float32)[None, None], size)[0, 0] >= 0.5
+    return masks
 
 
 def _image_files(folder):
@@ -136,7 +269,7 @@ class Dataset:
         """(images [N, C, h, w], labels [N] bool, masks [N, h, w] bool or None, defects [N] str)."""
         if not self.test_items:
             raise ValueError(f"{self.root} has no test images")
-        images = load_images([item.path for item in self.test_items], size, channels)
+        images, sizes = load_images([item.path for item in self.test_items], size, channels, return_sizes=True)
         labels = np.array([item.anomalous for item in self.test_items])
         missing = [item.path for item in self.test_items if item.anomalous and item.mask_path is None]
         masks = None
@@ -144,7 +277,7 @@ class Dataset:
             warnings.warn(f"{len(missing)} anomalous test images have no mask (first: {missing[0]}); "
                           "pixel-level metrics are unavailable", stacklevel=2)
         else:
-            masks = load_masks([item.mask_path for item in self.test_items], images.shape[2:])
+            masks = load_masks([item.mask_path for item in self.test_items], images.shape[2:], sizes)
         return images, labels, masks, [item.defect for item in self.test_items]
 
     def batches(self, paths, batch_size, size, channels=3):

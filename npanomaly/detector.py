@@ -7,13 +7,12 @@ on top. Saved models are one ``.npz`` file (no pickle) written atomically.
 """
 
 import json
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 
 import numpy as np
 
+from npanomaly._files import atomic_write
 from npanomaly._progress import Progress
 from npanomaly.checkpoint import read_npz
 from npanomaly._validation import (MAX_BATCH_SIZE, MAX_WIDTH, check_batch, check_finite, check_fitted,
@@ -183,20 +182,7 @@ class Detector:
             "image_size": np.array(self.image_size_, dtype=np.int64),
         }
         arrays.update(self._arrays())
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        handle, temporary = tempfile.mkstemp(prefix=".npanomaly-", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(handle, "wb") as stream:
-                np.savez(stream, **arrays)
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
-            raise
-        return path
+        return atomic_write(path, lambda stream: np.savez(stream, **arrays))
 
     @classmethod
     def load(cls, path, device=None):

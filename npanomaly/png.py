@@ -14,6 +14,7 @@ import zlib
 import numpy as np
 from numba import njit
 
+from npanomaly._files import atomic_write
 from npanomaly.kernels._config import JIT_OPTIONS
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -200,5 +201,4 @@ def read_png(path, max_pixels=DEFAULT_MAX_PIXELS):
 def write_png(path, image, compression=6):
     """Write an image array as a PNG file (see encode_png)."""
     data = encode_png(image, compression)
-    with open(path, "wb") as stream:
-        stream.write(data)
+    return atomic_write(path, lambda stream: stream.write(data))

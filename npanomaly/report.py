@@ -8,6 +8,7 @@ import html
 
 import numpy as np
 
+from npanomaly._files import atomic_write
 from npanomaly.data import to_rgb_hwc, to_uint8
 from npanomaly.metrics import roc_curve
 from npanomaly.png import encode_png
@@ -100,14 +101,24 @@ def section(title, metrics, scores, labels, threshold, images, maps, masks=None,
             f"ground-truth mask.</p><div class=\"grid\">{''.join(cards)}</div>")
 
 
+GENERATOR = '<meta name="generator" content="npanomaly">'
+
+
 def write_report(path, title, sections):
     """Write the sections (HTML strings from section()) into one self-contained file."""
     style = ("body{font-family:sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin:1em 0}"
              "th,td{border:1px solid #ccc;padding:4px 10px;text-align:left}.charts{display:flex;gap:2em}"
              ".grid{display:flex;flex-wrap:wrap;gap:12px}figure{margin:0}figure img{width:96px;height:96px;"
              "image-rendering:pixelated;margin-right:2px}figcaption{font-size:11px}")
-    document = (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+    document = (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\">{GENERATOR}<title>{html.escape(title)}</title>"
                 f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{''.join(sections)}</body></html>")
-    with open(path, "w", encoding="utf-8") as stream:
-        stream.write(document)
-    return path
+    return atomic_write(path, lambda stream: stream.write(document.encode("utf-8")))
+
+
+def is_report(path):
+    """True when path is a report that write_report wrote (it may be replaced without --force)."""
+    try:
+        with open(path, "rb") as stream:
+            return GENERATOR.encode() in stream.read(512)
+    except OSError:
+        return False

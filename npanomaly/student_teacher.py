@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from npanomaly import backbones, kernels, nn, optim
-from npanomaly._validation import (MAX_BLUR_SIGMA, MAX_WIDTH, check_fraction, check_nonnegative_float,
+from npanomaly._validation import (MAX_ABS_VALUE, MAX_BLUR_SIGMA, MAX_WIDTH, check_fraction, check_nonnegative_float,
                                    check_positive_int, check_state)
 from npanomaly.detector import Detector, register
 from npanomaly.maps import upsample_and_blur
@@ -212,12 +212,14 @@ class StudentTeacher(Detector):
                     continue  # batch norm needs several values per channel; only a 1-image tail of 1x1 images
                 with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # checked just below
                     loss = self.train_step(batch, self.optimizer_)
-                if not (np.isfinite(loss) and all(kernels.all_finite(p.data) for p in self.student_parameters())):
+                # Weights past MAX_ABS_VALUE are as lost as NaN ones (and load() would refuse them).
+                if not (np.isfinite(loss) and all(kernels.all_below(p.data, MAX_ABS_VALUE)
+                                                   for p in self.student_parameters())):
                     self._restore_snapshot(before)
                     raise TrainingDiverged(
                         f"training diverged in epoch {epoch + 1}/{epochs}: the loss became {loss:.4g} and the "
-                        f"student's weights are no longer finite; nothing of this fit was kept. Use a smaller "
-                        f"learning rate than lr={lr:g} (e.g. lr={lr / 10:g})")
+                        f"student's weights left the finite range (|w| < {MAX_ABS_VALUE:.0e}); nothing of this "
+                        f"fit was kept. Use a smaller learning rate than lr={lr:g} (e.g. lr={lr / 10:g})")
                 losses.append(loss * batch.shape[0])
             self.loss_history_.append(float(np.sum(losses) / images.shape[0]))
             rate = images.shape[0] / (time.perf_counter() - start)

@@ -206,6 +206,17 @@ def test_all_finite(dtype):
         assert not K.all_finite(y)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_all_below(dtype):
+    x = np.random.default_rng(0).uniform(-3, 3, (4, 5, 6)).astype(dtype)
+    largest = float(np.abs(x).max())
+    assert K.all_below(x, largest * 1.001) and not K.all_below(x, largest)  # strictly below
+    for bad in (np.nan, np.inf, -np.inf):
+        y = x.copy()
+        y[3, 4, 5] = bad
+        assert not K.all_below(y, 1e30) and not K.all_below(y, np.inf)
+
+
 @given(shape=st.tuples(st.integers(1, 2), st.integers(1, 5), st.integers(1, 4), st.integers(1, 4)),
        seed=st.integers(0, 2**16))
 def test_l2_normalize_channels_matches_reference_and_finite_differences(shape, seed):

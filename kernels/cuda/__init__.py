@@ -9,6 +9,7 @@ arrays. Without an NVIDIA GPU and driver, ``require()`` (called by for_device) r
 """
 
 from .. import (  # noqa: F401  (CPU kernels without a twin: same table, same names)
+    all_below,
     all_finite,
     avg_pool2d_backward_input,
     avg_pool2d_forward,
