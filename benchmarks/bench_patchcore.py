@@ -11,6 +11,9 @@
    and the ratio is the same; --coreset-steps 10000 runs the full 10%.
 3. PatchCore.default_rgb() fit (coreset 10%) and predict on 64x64 textures for 10, 100 and 400
    training images: seconds, images/s and the process's peak memory, each size in a fresh process.
+4. The same at 224x224 with 100 training images (--large-images; 0 skips it; fitting takes minutes):
+   predict images/s and the share of queries the knn screening left to the exhaustive float64
+   scan (issue 13: 56% of the prediction time before the screening centred its coordinates).
 Ratios are npanomaly / peer: below 1 means npanomaly is faster. Medians over --repeats runs, the
 contenders timed in turns.
 """
@@ -31,7 +34,9 @@ def parse_args():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--coreset-steps", type=int, default=1000)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument("--large-images", type=int, default=100, help="training images of row 4 (0: skip it)")
     parser.add_argument("--scaling-child", help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, default=64, help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
@@ -42,28 +47,40 @@ import numpy as np  # noqa: E402  (after use_threads: BLAS reads its thread vari
 
 
 
-def scaling_child(n_images):
+def scaling_child(n_images, size):
     """Fit and predict in this (fresh) process; print one JSON line."""
     import npanomaly
+    from npanomaly import kernels
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
     from textures import textures
 
-    train = textures(n_images, size=(64, 64), seed=0)
-    test = textures(50, size=(64, 64), seed=1)
+    n_test = 50 if size <= 64 else 8
+    train = textures(n_images, size=(size, size), seed=0)
+    test = textures(n_test, size=(size, size), seed=1)
     warm = npanomaly.PatchCore.default_rgb().fit(train[:2])  # compile outside the timings
     warm.predict(test[:2])
     start = time.perf_counter()
     model = npanomaly.PatchCore.default_rgb().fit(train, coreset_ratio=0.1)
     fit_s = time.perf_counter() - start
+    scanned = [0]
+    exact_scan = kernels.exact_scan
+
+    def counting_scan(queries, bank, rows, *rest):
+        scanned[0] += rows.size
+        return exact_scan(queries, bank, rows, *rest)
+
+    kernels.exact_scan = counting_scan  # knn looks the kernel up in this table at each call
     start = time.perf_counter()
     model.predict(test)
     predict_s = time.perf_counter() - start
+    kernels.exact_scan = exact_scan
+    queries = n_test * model._patch_features(test[:1]).shape[1] * model._patch_features(test[:1]).shape[2]
     # VmHWM, not ru_maxrss: the latter survives fork+exec and would report the parent's peak.
     with open("/proc/self/status") as status:
         peak_mib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024
-    print(json.dumps(dict(n=n_images, bank=model.memory_bank.shape[0], fit_s=fit_s, predict_ips=50 / predict_s,
-                          peak_mib=peak_mib)))
+    print(json.dumps(dict(n=n_images, bank=model.memory_bank.shape[0], fit_s=fit_s, predict_ips=n_test / predict_s,
+                          peak_mib=peak_mib, exhaustive=scanned[0] / queries)))
 
 
 def main():
@@ -123,17 +140,21 @@ def main():
           f"ratio {ours / theirs:.2f}x (same selection: {same})")
 
     # 3. fit / predict scaling, each size in a fresh process for an honest peak memory
-    print(f"{'train images':>12} {'bank':>7} {'fit s':>8} {'predict img/s':>14} {'peak MiB':>9}")
-    for n_images in ((10, 20) if ARGS.quick else (10, 100, 400)):
+    print(f"{'size':>5} {'train images':>12} {'bank':>7} {'fit s':>8} {'predict img/s':>14} {'peak MiB':>9} "
+          f"{'exhaustive':>10}")
+    rows = [(64, n) for n in ((10, 20) if ARGS.quick else (10, 100, 400))]
+    if ARGS.large_images:
+        rows.append((64, 4) if ARGS.quick else (224, ARGS.large_images))
+    for size, n_images in rows:
         out = subprocess.run([sys.executable, __file__, "--threads", str(ARGS.threads), "--scaling-child",
-                              str(n_images)], capture_output=True, text=True, check=True).stdout
+                              str(n_images), "--size", str(size)], capture_output=True, text=True, check=True).stdout
         row = json.loads(out.strip().splitlines()[-1])
-        print(f"{row['n']:>12} {row['bank']:>7} {row['fit_s']:>8.2f} {row['predict_ips']:>14.1f} "
-              f"{row['peak_mib']:>9.0f}", flush=True)
+        print(f"{size:>5} {row['n']:>12} {row['bank']:>7} {row['fit_s']:>8.2f} {row['predict_ips']:>14.1f} "
+              f"{row['peak_mib']:>9.0f} {row['exhaustive']:>10.2%}", flush=True)
 
 
 if __name__ == "__main__":
     if ARGS.scaling_child:
-        scaling_child(int(ARGS.scaling_child))
+        scaling_child(int(ARGS.scaling_child), ARGS.size)
     else:
         main()

@@ -2,8 +2,9 @@
 
 The search runs in two stages (orchestrated by ``npanomaly.search.knn``):
 
-1. Screening. For a block of queries and a block of the bank, squared distances are expanded as
-   ``|q|^2 + |b|^2 - 2 q.b`` with the dot products from one float32 BLAS product. Each query keeps
+1. Screening. For a block of queries and a block of the bank, both centred at the bank's mean
+   (which leaves distances unchanged and makes the rounding error bound small), squared distances
+   are expanded as ``|q|^2 + |b|^2 - 2 q.b`` with the dot products from one float32 BLAS product. Each query keeps
    its ``width`` smallest screened distances (``merge_block_candidates``). Memory: one
    [query block, bank block] matrix, never [Q, M].
 2. Refinement. The candidates are re-measured exactly in float64 as ``sum((q - b)^2)`` and the k
@@ -189,13 +190,17 @@ def exact_scan(queries, bank, rows, k, exclude_offset, out_dist, out_index):
 def dot_error_bound(query_norms, max_bank_norm, dim, itemsize):
     """Bound on |screened d2 - exact d2| for each query (float64).
 
-    A float dot product of length D is off by at most gamma_D * |q| |b| <= gamma_D (|q|^2 + |b|^2) / 2
-    (Higham, Accuracy and Stability, 3.1; any summation order), gamma_D = D u / (1 - D u); the
-    -2 q.b term doubles it. The norms themselves are float64 and add a negligible term, covered by
-    the extra unit in D + 2.
+    The screening sees q~ = fl(q - c) and b~ = fl(b - c), centred at some c and rounded once
+    (search.knn centres at the bank's mean), and computes |q~|^2 + |b~|^2 - 2 q~.b~ with float64
+    norms. Two errors, each proportional to |q~|^2 + |b~|^2 (the arguments are those centred norms):
+    - the float dot product of length D is off by at most gamma_D |q~| |b~| <= gamma_D (|q~|^2 + |b~|^2) / 2
+      (Higham, Accuracy and Stability, 3.1; any summation order), and the -2 q~.b~ term doubles it;
+    - the centring's rounding e = (q~ - b~) - (q - b) has |e| <= u' (|q~| + |b~|), u' = u / (1 - u),
+      so | |q - b|^2 - |q~ - b~|^2 | <= 2 |q~ - b~| |e| + |e|^2 <= (4 u' + 2 u'^2) (|q~|^2 + |b~|^2).
+    gamma_n = n u / (1 - n u) grows faster than linearly in n, so gamma_D + 4u' + 2u'^2 + the
+    float64 norms' negligible term are covered by gamma_{D + 8}.
     """
     unit = 2.0 ** -24 if itemsize == 4 else 2.0 ** -53
-    n = dim + 2
+    n = dim + 8
     gamma = n * unit / (1.0 - n * unit)
     return gamma * (query_norms + max_bank_norm) + 1e-300
-
