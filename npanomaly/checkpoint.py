@@ -320,11 +320,20 @@ def load_torch_checkpoint(path, check=None, max_bytes=MAX_CHECKPOINT_BYTES):
     all tensors together may take.
     """
     path = os.fspath(path)
-    if path.endswith(".npz"):
-        state = read_npz(path, max_bytes)
-        if check is not None:
-            check({name: (value.shape, value.dtype) for name, value in state.items()})
-        return state
+    try:
+        if path.endswith(".npz"):
+            state = read_npz(path, max_bytes)
+            if check is not None:
+                check({name: (value.shape, value.dtype) for name, value in state.items()})
+            return state
+        return _load_torch_checkpoint(path, check, max_bytes)
+    except ValueError as error:
+        if str(error).startswith(path):
+            raise
+        raise ValueError(f"{path}: {error}") from error
+
+
+def _load_torch_checkpoint(path, check, max_bytes):
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:

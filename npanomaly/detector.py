@@ -207,7 +207,8 @@ class Detector:
             model._restore(arrays)
             threshold = arrays["threshold"]
             if threshold.shape != () or threshold.dtype.kind != "f" or not np.isfinite(threshold):
-                raise ValueError(f"its threshold must be a finite number, got {threshold!r}")
+                shown = float(threshold) if threshold.shape == () and threshold.dtype.kind == "f" else repr(threshold)
+                raise ValueError(f"its threshold must be a finite number, got {shown}")
             model.threshold_ = float(threshold)
             model.image_size_ = check_image_size(arrays["image_size"].tolist(), "its image size",
                                                  model.min_image_size, model._size_reason())
