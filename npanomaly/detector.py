@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from npanomaly import threads
 from npanomaly._files import atomic_write
 from npanomaly._progress import Progress
 from npanomaly.checkpoint import read_npz
@@ -92,7 +93,10 @@ class Detector:
         return images.astype(np.float32, copy=False)
 
     def _batches(self, images):
+        """Consecutive batches of batch_size images; before each, the thread pools take only the
+        cores other processes leave free (threads.share_cores)."""
         for start in range(0, images.shape[0], self.batch_size):
+            threads.share_cores()
             yield images[start:start + self.batch_size]
 
     def _stream(self, images, want_maps):

@@ -12,7 +12,7 @@ features (the seed's eval() did nothing, so a test image's score depended on its
 
 import numpy as np
 
-from npanomaly import backbones, kernels
+from npanomaly import backbones, kernels, threads
 from npanomaly._progress import Progress
 from npanomaly._validation import (MAX_BLUR_SIGMA, MAX_NEIGHBORS, MAX_WIDTH, check_fraction,
                                    check_nonnegative_float, check_positive_int, check_state)
@@ -204,6 +204,7 @@ class PatchCore(Detector):
                 bar.update(batch.shape[0])
         features = np.concatenate(parts)
         n = features.shape[0]
+        threads.share_cores()
         if self.sampler == "uniform":
             keep = seed_uniform_indices(n, coreset_ratio)
         else:

@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from npanomaly import backbones, kernels, nn, optim
+from npanomaly import backbones, kernels, nn, optim, threads
 from npanomaly._validation import (MAX_ABS_VALUE, MAX_BLUR_SIGMA, MAX_WIDTH, check_fraction, check_nonnegative_float,
                                    check_positive_int, check_state)
 from npanomaly.detector import Detector, register
@@ -154,6 +154,7 @@ class StudentTeacher(Detector):
         if not self.student.training:
             raise RuntimeError("train_step needs the student in training mode: call .train() first")
         images = self._check_images(images, fitting=True)
+        threads.share_cores()
         teacher_maps = self._features(self._teacher, images)
         student_maps = self._features(self._student, images)
         loss, grads = self._loss_and_grads(teacher_maps, student_maps)
