@@ -1,21 +1,48 @@
-"""What every benchmark script shares: one thread count for everyone, and medians of repeated runs.
+"""What every benchmark script shares: one thread count for everyone, the import order a user's
+script has, a report of the thread pools that ran, and medians of repeated runs.
 
-``use_threads`` must run before NumPy is imported: BLAS libraries read their thread variables once,
-when they load.
+``use_threads`` must run before NumPy is imported: BLAS libraries read their thread counts once,
+when they load. It sets only thread counts, never the spin variables npanomaly manages
+(OPENBLAS_THREAD_TIMEOUT, GOMP_SPINCOUNT): the published figures are what a user gets.
 """
 
 import os
 import statistics
+import sys
 import time
 
+IMPORT_ORDERS = ("natural", "npanomaly-first")
 
-def use_threads(threads):
-    """Give NumPy's BLAS, Numba, OpenMP (torch, faiss) and MKL the same number of threads."""
+
+def add_import_order(parser):
+    """--import-order: "natural" (the default) imports NumPy and torch before npanomaly, as a
+    user's script or notebook does; "npanomaly-first" imports npanomaly before both."""
+    parser.add_argument("--import-order", choices=IMPORT_ORDERS, default="natural",
+                        help="natural: numpy and torch before npanomaly, as a user's script (default); "
+                             "npanomaly-first: npanomaly before both")
+
+
+def use_threads(threads, import_order="natural"):
+    """Give NumPy's BLAS, Numba, OpenMP (torch, faiss) and MKL the same number of threads, import
+    in the given order, and print which threading layer, BLAS and thread counts run."""
     for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ[variable] = str(threads)
-    # what `import npanomaly` sets; here too, because a benchmark may load torch's OpenMP first
-    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
-    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+    if import_order == "npanomaly-first":
+        import npanomaly  # noqa: F401
+    import numpy  # noqa: F401
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    import npanomaly
+    from npanomaly import kernels
+
+    if torch is not None:
+        torch.set_num_threads(threads)
+    kernels.all_finite(numpy.zeros(8))  # starts Numba's pool, so the report names its layer
+    print(f"import order {import_order}: {npanomaly.threads.describe()}"
+          f"{f'; torch {torch.__version__}, {torch.get_num_threads()} threads' if torch is not None else ''}",
+          file=sys.stdout, flush=True)
 
 
 def median_time(function, repeats, warm_up=True):

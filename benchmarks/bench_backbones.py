@@ -13,15 +13,16 @@ import argparse
 import os
 import sys
 
-from _common import median_times, use_threads
+from _common import add_import_order, median_times, use_threads
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--threads", type=int, default=2)
+add_import_order(parser)
 parser.add_argument("--repeats", type=int, default=5)
 parser.add_argument("--batch", type=int, default=8)
 parser.add_argument("--size", type=int, default=224)
 ARGS = parser.parse_args()
-use_threads(ARGS.threads)
+use_threads(ARGS.threads, ARGS.import_order)
 
 import numpy as np  # noqa: E402  (after use_threads: BLAS reads its thread variables at load time)
 

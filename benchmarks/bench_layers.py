@@ -18,12 +18,13 @@ import sys
 import tempfile
 import textwrap
 
-from _common import median_times, use_threads
+from _common import add_import_order, median_times, use_threads
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
+    add_import_order(parser)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="batch 2 instead of 8 (a smoke run)")
     parser.add_argument("--no-compile", action="store_true", help="skip the compile-time measurement")
@@ -31,7 +32,7 @@ def parse_args():
 
 
 ARGS = parse_args()
-use_threads(ARGS.threads)
+use_threads(ARGS.threads, ARGS.import_order)
 
 import numpy as np  # noqa: E402  (after use_threads: BLAS reads its thread variables at load time)
 

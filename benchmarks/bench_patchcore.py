@@ -25,12 +25,13 @@ import subprocess
 import sys
 import time
 
-from _common import median_time, median_times, use_threads
+from _common import add_import_order, median_time, median_times, use_threads
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
+    add_import_order(parser)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--coreset-steps", type=int, default=1000)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
@@ -41,7 +42,7 @@ def parse_args():
 
 
 ARGS = parse_args()
-use_threads(ARGS.threads)
+use_threads(ARGS.threads, ARGS.import_order)
 
 import numpy as np  # noqa: E402  (after use_threads: BLAS reads its thread variables at load time)
 
@@ -146,7 +147,8 @@ def main():
     if ARGS.large_images:
         rows.append((64, 4) if ARGS.quick else (224, ARGS.large_images))
     for size, n_images in rows:
-        out = subprocess.run([sys.executable, __file__, "--threads", str(ARGS.threads), "--scaling-child",
+        out = subprocess.run([sys.executable, __file__, "--threads", str(ARGS.threads), "--import-order",
+                              ARGS.import_order, "--scaling-child",
                               str(n_images), "--size", str(size)], capture_output=True, text=True, check=True).stdout
         row = json.loads(out.strip().splitlines()[-1])
         print(f"{size:>5} {row['n']:>12} {row['bank']:>7} {row['fit_s']:>8.2f} {row['predict_ips']:>14.1f} "

@@ -94,3 +94,49 @@ def test_report_names_layer_blas_and_threads():
     assert info["numba_threads"] >= 1
     line = npanomaly.threads.describe()
     assert "layer" in line and "OPENBLAS_THREAD_TIMEOUT=" in line and "GOMP_SPINCOUNT=" in line
+
+
+@pytest.fixture
+def two_cores(monkeypatch):
+    """share_cores on a pretend 2-core machine whose other processes the test decides."""
+    import numba
+
+    from npanomaly import threads
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs Numba with at least 2 threads")
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setitem(threads._shared, "enabled", True)
+    saved = dict(threads._shared)
+    numba.set_num_threads(2)
+    blas = [f for f in map(threads._blas_thread_functions, threads._openblas_libraries()) if f]
+    before = [get() for get, _ in blas]
+    threads._shared.update(blas={}, numba=None, others=0)
+    yield threads, numba, blas
+    threads._shared.update(saved)
+    numba.set_num_threads(2)
+    for (_, put), value in zip(blas, before):
+        put(value)
+
+
+def test_share_cores_leaves_busy_cores_to_other_processes(two_cores, monkeypatch):
+    threads, numba, blas = two_cores
+    others = iter([0, 1, 1, 2, 0, 1])
+    monkeypatch.setattr(threads, "_others_running", lambda: next(others))
+    chosen = []
+    for _ in range(6):
+        chosen.append(threads.share_cores())
+        assert numba.get_num_threads() == chosen[-1]
+        assert all(get() == chosen[-1] for get, _ in blas)
+    # a single busy sample is a blip; two in a row are a neighbour; free cores are taken back at once
+    assert chosen == [2, 2, 1, 1, 2, 2]
+
+
+def test_share_cores_keeps_the_user_s_own_limit(two_cores, monkeypatch):
+    threads, numba, blas = two_cores
+    monkeypatch.setattr(threads, "_others_running", lambda: 0)
+    assert threads.share_cores() == 2
+    numba.set_num_threads(1)  # the user's choice after npanomaly's: it becomes the most we use
+    assert threads.share_cores() == 1 and numba.get_num_threads() == 1
+    monkeypatch.setitem(threads._shared, "enabled", False)
+    assert threads.share_cores() is None
