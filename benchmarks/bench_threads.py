@@ -35,6 +35,8 @@ def parse_args():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--child", choices=ORDERS, help=argparse.SUPPRESS)
+    parser.add_argument("--start-delay", type=float, default=15.0,
+                        help="seconds the shared-machine processes get for imports and warm-up (default 15)")
     parser.add_argument("--pair-threads", type=int, default=0,
                         help="also time two processes with this many threads each (default: skip)")
     parser.add_argument("--start-at", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -114,12 +116,12 @@ def main(args):
 
     singles, pairs = [], []
     for _ in range(args.rounds):
-        singles.append(result(spawn(args, "numpy-first", time.time() + 15))["total_s"])
-        start_at = time.time() + 15  # after both have imported, compiled and warmed up
+        singles.append(result(spawn(args, "numpy-first", time.time() + args.start_delay))["total_s"])
+        start_at = time.time() + args.start_delay  # after both have imported, compiled and warmed up
         both = [spawn(args, "numpy-first", start_at) for _ in range(2)]
         pairs.append(max(result(process)["total_s"] for process in both))
     if args.pair_threads:
-        start_at = time.time() + 15
+        start_at = time.time() + args.start_delay
         both = [spawn(args, "numpy-first", start_at, args.pair_threads) for _ in range(2)]
         print(f"two processes with {args.pair_threads} thread(s) each: {max(result(p)['total_s'] for p in both):.2f} s")
     single, pair = statistics.median(singles), statistics.median(pairs)

@@ -18,6 +18,8 @@ CASES = [
     ("bench_backbones.py", ["--batch", "1", "--size", "64", "--repeats", "1"], "resnet18", True),
     ("bench_patchcore.py", ["--quick", "--repeats", "1", "--coreset-steps", "20"], "greedy coreset", True),
     ("bench_quality.py", ["--size", "32"], "PatchCore", False),
+    ("bench_threads.py", ["--rounds", "1", "--steps", "1", "--batch", "1", "--size", "32", "--start-delay", "4"],
+     "two processes sharing the machine", True),
 ]
 
 
