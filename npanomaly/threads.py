@@ -102,10 +102,11 @@ def configure():
         if late and not _state["gomp_late"]:
             _state["gomp_late"] = True
             warnings.warn(
-                "GNU OpenMP (libgomp) was loaded before npanomaly, so GOMP_SPINCOUNT=10000 comes too late: "
-                "its idle threads spin up to 30x longer and take the cores NumPy's products need next "
-                "(measured: convolutions and training steps ~20-30% slower on 2 cores). Import npanomaly "
-                "before torch, or set GOMP_SPINCOUNT=10000 in the environment before Python starts.",
+                "GNU OpenMP (libgomp) was loaded before npanomaly (by torch?), so GOMP_SPINCOUNT=10000 comes "
+                "too late: its idle threads spin 30x longer and take the cores NumPy's products need next "
+                "(measured: a training step 1.45x slower on 2 cores). Import npanomaly before torch, or set "
+                "GOMP_SPINCOUNT=10000 in the environment before Python starts; a program that calls npanomaly "
+                "from one thread only may instead set NUMBA_THREADING_LAYER=workqueue. See docs/threads.md.",
                 ThreadingWarning, stacklevel=3)
     return report()
 
