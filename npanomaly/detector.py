@@ -94,10 +94,13 @@ class Detector:
 
     def _batches(self, images):
         """Consecutive batches of batch_size images; before each, the thread pools take only the
-        cores other processes leave free (threads.share_cores)."""
-        for start in range(0, images.shape[0], self.batch_size):
-            threads.share_cores()
-            yield images[start:start + self.batch_size]
+        cores other processes leave free (threads.share_cores), and get them all back at the end."""
+        try:
+            for start in range(0, images.shape[0], self.batch_size):
+                threads.share_cores()
+                yield images[start:start + self.batch_size]
+        finally:
+            threads.restore_cores()
 
     def _stream(self, images, want_maps):
         check_fitted(self, self._fitted_attribute)

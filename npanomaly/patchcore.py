@@ -205,11 +205,14 @@ class PatchCore(Detector):
         features = np.concatenate(parts)
         n = features.shape[0]
         threads.share_cores()
-        if self.sampler == "uniform":
-            keep = seed_uniform_indices(n, coreset_ratio)
-        else:
-            keep = greedy_coreset(features, max(1, int(n * coreset_ratio)), projection_dim=self.projection_dim,
-                                  start=0, seed=self.seed, progress=self.show_progress, device=self.device)
+        try:
+            if self.sampler == "uniform":
+                keep = seed_uniform_indices(n, coreset_ratio)
+            else:
+                keep = greedy_coreset(features, max(1, int(n * coreset_ratio)), projection_dim=self.projection_dim,
+                                      start=0, seed=self.seed, progress=self.show_progress, device=self.device)
+        finally:
+            threads.restore_cores()
         self.memory_bank_ = np.ascontiguousarray(features[keep])
         self.image_size_ = images.shape[2:]
         self.threshold_ = nearest_other_threshold(self.memory_bank_)

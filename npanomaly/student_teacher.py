@@ -155,12 +155,15 @@ class StudentTeacher(Detector):
             raise RuntimeError("train_step needs the student in training mode: call .train() first")
         images = self._check_images(images, fitting=True)
         threads.share_cores()
-        teacher_maps = self._features(self._teacher, images)
-        student_maps = self._features(self._student, images)
-        loss, grads = self._loss_and_grads(teacher_maps, student_maps)
-        optimizer.zero_grad()
-        self.student.backward_intermediate(grads, input_grad=False)
-        optimizer.step()
+        try:
+            teacher_maps = self._features(self._teacher, images)
+            student_maps = self._features(self._student, images)
+            loss, grads = self._loss_and_grads(teacher_maps, student_maps)
+            optimizer.zero_grad()
+            self.student.backward_intermediate(grads, input_grad=False)
+            optimizer.step()
+        finally:
+            threads.restore_cores()
         return loss
 
     # ----------------------------------------------------------------- fit

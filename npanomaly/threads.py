@@ -28,7 +28,8 @@ on 2 cores took 5-6x the time of one instead of 2x. ``share_cores()`` runs befor
 work (a batch, a training step): it counts the runnable threads of other processes
 (``/proc/loadavg`` less this process's own running threads) and uses only the cores they leave
 free, at least one and at most the thread counts the pools had when npanomaly was imported (or
-that the user set since). ``NPANOMALY_SHARE_CORES=0`` turns it off. See docs/threads.md for the
+that the user set since); ``restore_cores()`` gives them back when the batches or the step are
+done. ``NPANOMALY_SHARE_CORES=0`` turns it off. See docs/threads.md for the
 measured cost of each setting.
 """
 
@@ -181,6 +182,29 @@ def share_cores():
             put(wanted)
         _shared["blas"][library._name] = (limit, wanted)
     return chosen
+
+
+def restore_cores():
+    """Give the pools back the thread counts share_cores() narrowed, so that code outside npanomaly
+    (the user's own NumPy products) never runs on fewer threads because of it. A count the user
+    changed in between is left alone."""
+    state = _shared["numba"]
+    if state is not None:
+        import numba
+
+        limit, chosen = state
+        if numba.get_num_threads() == chosen and chosen != limit:
+            numba.set_num_threads(limit)
+        _shared["numba"] = (limit, limit)
+    for library in _openblas_libraries():
+        functions = _blas_thread_functions(library)
+        if functions is None or library._name not in _shared["blas"]:
+            continue
+        get, put = functions
+        limit, chosen = _shared["blas"][library._name]
+        if get() == chosen and chosen != limit:
+            put(limit)
+        _shared["blas"][library._name] = (limit, limit)
 
 
 def report():

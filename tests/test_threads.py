@@ -111,6 +111,8 @@ def two_cores(monkeypatch):
     numba.set_num_threads(2)
     blas = [f for f in map(threads._blas_thread_functions, threads._openblas_libraries()) if f]
     before = [get() for get, _ in blas]
+    for _, put in blas:  # earlier tests may have left a pool narrowed by share_cores on a busy machine
+        put(2)
     threads._shared.update(blas={}, numba=None, others=0)
     yield threads, numba, blas
     threads._shared.update(saved)
@@ -140,3 +142,21 @@ def test_share_cores_keeps_the_user_s_own_limit(two_cores, monkeypatch):
     assert threads.share_cores() == 1 and numba.get_num_threads() == 1
     monkeypatch.setitem(threads._shared, "enabled", False)
     assert threads.share_cores() is None
+
+
+def test_the_pools_get_their_threads_back_after_the_work(two_cores, monkeypatch):
+    """A busy neighbour narrows the pools for npanomaly's batches only, never for the user's own
+    NumPy code afterwards."""
+    import numpy as np
+
+    from npanomaly import PatchCore
+
+    threads, numba, blas = two_cores
+    monkeypatch.setattr(threads, "_others_running", lambda: 5)
+    seen = []
+    real = threads.share_cores
+    monkeypatch.setattr(threads, "share_cores", lambda: seen.append(real()) or seen[-1])
+    images = np.random.default_rng(0).random((6, 3, 16, 16), dtype=np.float32)
+    PatchCore(feature_dim=8, batch_size=2).fit(images)
+    assert 1 in seen  # it did narrow while working
+    assert numba.get_num_threads() == 2 and all(get() == 2 for get, _ in blas)
