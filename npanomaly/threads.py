@@ -81,13 +81,23 @@ def _openblas_libraries():
 _libraries = {"modules": -1, "handles": []}
 
 
-def _gomp_loaded():
-    return any("libgomp" in os.path.basename(path) for path in _loaded_libraries())
+def _gomp_libraries():
+    return [path for path in _loaded_libraries() if "libgomp" in os.path.basename(path)]
+
+
+def _blas_symbol(library, name):
+    """OpenBLAS function ``openblas_<name>`` under whatever prefix and suffix its wheel gave it
+    (NumPy's and SciPy's: scipy_openblas_<name>, with 64_ for 64-bit ints), or None."""
+    for prefix in ("openblas", "scipy_openblas"):
+        for suffix in ("", "64_"):
+            if hasattr(library, f"{prefix}_{name}{suffix}"):
+                return getattr(library, f"{prefix}_{name}{suffix}")
+    return None
 
 
 def configure():
     """Apply the two spin settings (see the module docstring). Called by ``import npanomaly``;
-    calling it again does nothing more. Returns report()."""
+    calling it again does nothing more."""
     if "OPENBLAS_THREAD_TIMEOUT" not in os.environ:
         os.environ["OPENBLAS_THREAD_TIMEOUT"] = BLAS_TIMEOUT
         if "numpy" in sys.modules and not _state["blas_restarted"]:
@@ -98,7 +108,7 @@ def configure():
                 library.blas_thread_shutdown_()
             _state["blas_restarted"] = True
     if "GOMP_SPINCOUNT" not in os.environ:
-        late = _gomp_loaded()
+        late = bool(_gomp_libraries())
         os.environ["GOMP_SPINCOUNT"] = GOMP_SPIN
         if late and not _state["gomp_late"]:
             _state["gomp_late"] = True
@@ -109,20 +119,46 @@ def configure():
                 "GOMP_SPINCOUNT=10000 in the environment before Python starts; a program that calls npanomaly "
                 "from one thread only may instead set NUMBA_THREADING_LAYER=workqueue. See docs/threads.md.",
                 ThreadingWarning, stacklevel=3)
-    return report()
 
 
-_shared = {"enabled": os.environ.get("NPANOMALY_SHARE_CORES", "1") != "0", "blas": {}, "numba": None, "others": 0}
+# pools: {pool key: (the most threads it may use, the count npanomaly last gave it)}
+_shared = {"enabled": os.environ.get("NPANOMALY_SHARE_CORES", "1") != "0", "pools": {}, "others": 0}
 
 
 def _blas_thread_functions(library):
-    """(get, set) of one OpenBLAS's thread count, whatever prefix its wheel gave them, or None."""
-    for prefix in ("openblas", "scipy_openblas"):
-        for suffix in ("", "64_"):
-            get, put = f"{prefix}_get_num_threads{suffix}", f"{prefix}_set_num_threads{suffix}"
-            if hasattr(library, get) and hasattr(library, put):
-                return getattr(library, get), getattr(library, put)
-    return None
+    """(get, set) of one OpenBLAS's thread count, or None when it exports no such pair."""
+    get, put = _blas_symbol(library, "get_num_threads"), _blas_symbol(library, "set_num_threads")
+    return None if get is None or put is None else (get, put)
+
+
+def _pools():
+    """(key, get, set) of every thread pool: Numba's (for the calling thread) and each OpenBLAS's."""
+    import numba
+
+    pools = [("numba", numba.get_num_threads, numba.set_num_threads)]
+    for library in _openblas_libraries():
+        functions = _blas_thread_functions(library)
+        if functions is not None:
+            pools.append((library._name, *functions))
+    return pools
+
+
+def _resize_pools(free):
+    """Give every pool min(its limit, free) threads, or its whole limit when free is None.
+
+    A pool's limit is what it had when npanomaly first resized it, or what the user set since:
+    a count that differs from the one npanomaly last gave is the user's, and becomes the limit.
+    Returns the Numba pool's new count."""
+    for key, get, put in _pools():
+        current = get()
+        limit, last = _shared["pools"].get(key, (current, current))
+        if current != last:
+            limit = current
+        wanted = limit if free is None else min(limit, free)
+        if wanted != current:
+            put(wanted)
+        _shared["pools"][key] = (limit, wanted)
+    return _shared["pools"]["numba"][1]
 
 
 def _others_running():
@@ -151,60 +187,20 @@ def share_cores():
     """
     if not _shared["enabled"] or not os.path.exists("/proc/loadavg"):
         return None
-    import numba
-
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     # Fewer cores only when other processes were running at this call and the one before: a
     # passing blip (a daemon waking up) must not halve a whole step, a busy neighbour persists.
     others = _others_running()
     busy, _shared["others"] = min(others, _shared["others"]), others
-    free = max(1, cores - busy)
-    # the most each pool may use: what it had at the first call, or what the user set since
-    current = numba.get_num_threads()
-    state = _shared["numba"]
-    if state is None or current != state[1]:
-        state = (current, current)
-    chosen = min(state[0], free)
-    if chosen != current:
-        numba.set_num_threads(chosen)
-    _shared["numba"] = (state[0], chosen)
-    for library in _openblas_libraries():
-        functions = _blas_thread_functions(library)
-        if functions is None:
-            continue
-        get, put = functions
-        current = get()
-        limit, last = _shared["blas"].get(library._name, (current, current))
-        if current != last:
-            limit = current
-        wanted = min(limit, free)
-        if wanted != current:
-            put(wanted)
-        _shared["blas"][library._name] = (limit, wanted)
-    return chosen
+    return _resize_pools(max(1, cores - busy))
 
 
 def restore_cores():
     """Give the pools back the thread counts share_cores() narrowed, so that code outside npanomaly
     (the user's own NumPy products) never runs on fewer threads because of it. A count the user
     changed in between is left alone."""
-    state = _shared["numba"]
-    if state is not None:
-        import numba
-
-        limit, chosen = state
-        if numba.get_num_threads() == chosen and chosen != limit:
-            numba.set_num_threads(limit)
-        _shared["numba"] = (limit, limit)
-    for library in _openblas_libraries():
-        functions = _blas_thread_functions(library)
-        if functions is None or library._name not in _shared["blas"]:
-            continue
-        get, put = functions
-        limit, chosen = _shared["blas"][library._name]
-        if get() == chosen and chosen != limit:
-            put(limit)
-        _shared["blas"][library._name] = (limit, limit)
+    if _shared["pools"]:
+        _resize_pools(None)
 
 
 def report():
@@ -223,22 +219,16 @@ def report():
         layer = f"not started (configured: {numba.config.THREADING_LAYER})"
     blas = []
     for library in _openblas_libraries():
-        version, threads = "?", None
-        # NumPy's and SciPy's wheels prefix the names (scipy_openblas_..., with 64_ for 64-bit ints)
-        for prefix in ("openblas", "scipy_openblas"):
-            for suffix in ("", "64_"):
-                if hasattr(library, f"{prefix}_get_config{suffix}"):
-                    function = getattr(library, f"{prefix}_get_config{suffix}")
-                    function.restype = ctypes.c_char_p
-                    version = function().decode(errors="replace")
-                if hasattr(library, f"{prefix}_get_num_threads{suffix}"):
-                    threads = getattr(library, f"{prefix}_get_num_threads{suffix}")()
-        blas.append((library._name, version, threads))
+        get_config, get_threads = _blas_symbol(library, "get_config"), _blas_symbol(library, "get_num_threads")
+        if get_config is not None:
+            get_config.restype = ctypes.c_char_p
+        version = get_config().decode(errors="replace") if get_config is not None else "?"
+        blas.append((library._name, version, get_threads() if get_threads is not None else None))
     return {
         "numba_threading_layer": layer,
         "numba_threads": numba.get_num_threads(),
         "blas": blas,
-        "gomp": [path for path in _loaded_libraries() if "libgomp" in os.path.basename(path)],
+        "gomp": _gomp_libraries(),
         "settings": {"OPENBLAS_THREAD_TIMEOUT": os.environ.get("OPENBLAS_THREAD_TIMEOUT"),
                      "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT"),
                      "blas_restarted": _state["blas_restarted"], "gomp_too_late": _state["gomp_late"]},

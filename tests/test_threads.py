@@ -113,7 +113,7 @@ def two_cores(monkeypatch):
     before = [get() for get, _ in blas]
     for _, put in blas:  # earlier tests may have left a pool narrowed by share_cores on a busy machine
         put(2)
-    threads._shared.update(blas={}, numba=None, others=0)
+    threads._shared.update(pools={}, others=0)
     yield threads, numba, blas
     threads._shared.update(saved)
     numba.set_num_threads(2)
