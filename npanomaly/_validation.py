@@ -9,7 +9,7 @@ import numbers
 
 import numpy as np
 
-from npanomaly.kernels import all_finite
+from npanomaly.kernels import all_below, all_finite
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -93,9 +93,15 @@ def check_state(state, what):
             raise ValueError(f"{what} {name!r} has dtype {value.dtype}, not a number")
         if value.size == 0:
             continue
-        if value.dtype.kind == "f" and not np.isfinite(value).all():
+        if value.dtype in FLOAT_DTYPES:  # the allocation-free kernels: a memory bank may be gigabytes
+            value = np.ascontiguousarray(value)
+            finite, within = all_finite(value), all_below(value, MAX_ABS_VALUE)
+        else:  # integers, booleans and other float widths: small arrays, plain NumPy
+            finite = value.dtype.kind != "f" or bool(np.isfinite(value).all())
+            within = False
+        if not finite:
             raise ValueError(f"{what} {name!r} contains NaN or infinite values")
-        largest = float(np.abs(value.astype(np.float64)).max())
+        largest = 0.0 if within else float(np.abs(value.astype(np.float64)).max())
         if largest > MAX_ABS_VALUE:
             raise ValueError(f"{what} {name!r} holds a value of magnitude {largest:.3g}, beyond the "
                              f"{MAX_ABS_VALUE:.0e} that any trained network has")
