@@ -92,7 +92,7 @@ class Backbone:
             state = dict(source)
             self._check_state({k: (np.shape(v), np.asarray(v).dtype) for k, v in state.items()})
         classifier = {k: state.pop(k) for k in list(state) if k in self._classifier_keys}
-        expected = self.net.state_dict()
+        expected = self.net.state_shapes()
         self.net.load_state_dict({k: v for k, v in state.items() if k in expected})
         if len(classifier) == 2:
             weight, bias = (classifier[k] for k in self._classifier_keys)
@@ -101,7 +101,7 @@ class Backbone:
 
     def _check_state(self, shapes):
         """Refuse a state dict {name: (shape, dtype)} whose keys or shapes do not match this network."""
-        expected = {k: v.shape for k, v in self.net.state_dict().items()}
+        expected = self.net.state_shapes()
         names = [k for k in shapes if k not in self._classifier_keys]
         # A checkpoint of the whole classifier network may hold layers after the last one built here.
         extra = [k for k in names if k not in expected and not _is_beyond(k, self.net.names)]

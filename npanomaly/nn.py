@@ -149,6 +149,12 @@ class Module:
         for child_name, child in self.named_children():
             yield from child._named_buffers(f"{prefix}{child_name}.")
 
+    def state_shapes(self):
+        """{state-dict key: shape} of every parameter and buffer, without copying any of them."""
+        shapes = {name: param.data.shape for name, param in self.named_parameters()}
+        shapes.update((name, np.shape(getattr(owner, attribute))) for name, attribute, owner in self._named_buffers())
+        return shapes
+
     def zero_grad(self, set_to_none=True):
         """Clear the accumulated gradients (None, as torch >= 2.0 does, or zeros)."""
         for param in self.parameters():

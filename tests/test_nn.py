@@ -65,6 +65,7 @@ def test_state_dict_round_trip_and_torch_key_names():
     assert list(state) == ["0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var",
                            "1.num_batches_tracked", "4.weight", "4.bias"]
     assert int(state["1.num_batches_tracked"]) == 1
+    assert net.state_shapes() == {key: value.shape for key, value in state.items()}
     other = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1, seed=5), nn.BatchNorm2d(4), nn.ReLU(),
                           nn.MaxPool2d(2), nn.Conv2d(4, 2, 1, seed=6))
     other.load_state_dict(state)
