@@ -12,7 +12,6 @@ import time
 import npanomaly
 from npanomaly import metrics, synthetic
 from npanomaly._files import check_output
-from npanomaly._validation import check_image_size
 from npanomaly.data import load_images, open_dataset
 from npanomaly.detector import is_model_file
 from npanomaly.png import write_png
@@ -53,7 +52,7 @@ def _make_model(name, args):
 
 def _check_size(size, model, option="--size"):
     """The square image size for a model: refused before any image is read or any array allocated."""
-    return check_image_size((size, size), option, model.min_image_size, model._size_reason())
+    return model.check_image_size((size, size), option)
 
 
 def _dataset_files(dataset):

@@ -67,9 +67,13 @@ class Detector:
         stage = max(stages, key=backbone.stride)
         return stage, backbone.stride(stage)
 
-    def _size_reason(self):
+    def check_image_size(self, size, name):
+        """size as (height, width) ints if this detector can take images of that size (at least
+        min_image_size, at most MAX_IMAGE_SIZE per side); else ValueError naming ``name`` and the
+        stage that sets the minimum. Nothing is allocated first: the CLI checks --size with it."""
         stage, stride = self._deepest_stage()
-        return f"the {self.backbone_name} backbone's {stage} stage (stride {stride})"
+        reason = f"the {self.backbone_name} backbone's {stage} stage (stride {stride})"
+        return check_image_size(size, name, stride, reason)
 
     def _feature_stages(self):
         """(the Backbone whose stages give the features, the stage names used) (subclasses)."""
@@ -81,7 +85,7 @@ class Detector:
         images = check_batch(images, name, self.in_channels)
         check_finite(images, name)
         if fitting:
-            check_image_size(images.shape[2:], name, self.min_image_size, self._size_reason())
+            self.check_image_size(images.shape[2:], name)
         elif self.image_size_ is not None and images.shape[2:] != self.image_size_:
             raise ValueError(f"{name} must be {self.image_size_[0]}x{self.image_size_[1]} images like the ones "
                              f"the model was fitted on, got shape {images.shape}")
@@ -217,8 +221,7 @@ class Detector:
                 shown = float(threshold) if threshold.shape == () and threshold.dtype.kind == "f" else repr(threshold)
                 raise ValueError(f"its threshold must be a finite number, got {shown}")
             model.threshold_ = float(threshold)
-            model.image_size_ = check_image_size(arrays["image_size"].tolist(), "its image size",
-                                                 model.min_image_size, model._size_reason())
+            model.image_size_ = model.check_image_size(arrays["image_size"].tolist(), "its image size")
             model._check_responsive()
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise ValueError(f"{path} is not a valid {kind} model file: {error}") from error
