@@ -303,9 +303,7 @@ def read_npz(path, max_bytes=MAX_CHECKPOINT_BYTES, what=".npz file"):
                     arrays[info.filename[:-4]] = np.lib.format.read_array(stream, allow_pickle=False)
     except FileNotFoundError:
         raise
-    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError, TypeError, SyntaxError) as error:
-        raise ValueError(f"{path} is not a readable {what}: {error}") from error
-    except ValueError as error:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError, TypeError, SyntaxError) as error:
         raise ValueError(f"{path} is not a readable {what}: {error}") from error
     return arrays
 
