@@ -12,6 +12,8 @@ import sys
 import time
 
 IMPORT_ORDERS = ("natural", "npanomaly-first")
+# the thread counts of NumPy's BLAS, OpenMP (torch, faiss), MKL and Numba
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
 
 
 def add_import_order(parser):
@@ -25,7 +27,7 @@ def add_import_order(parser):
 def use_threads(threads, import_order="natural"):
     """Give NumPy's BLAS, Numba, OpenMP (torch, faiss) and MKL the same number of threads, import
     in the given order, and print which threading layer, BLAS and thread counts run."""
-    for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+    for variable in THREAD_VARIABLES:
         os.environ[variable] = str(threads)
     if import_order == "npanomaly-first":
         import npanomaly  # noqa: F401

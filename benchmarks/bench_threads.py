@@ -24,6 +24,8 @@ import subprocess
 import sys
 import time
 
+from _common import THREAD_VARIABLES
+
 ORDERS = ("npanomaly-first", "numpy-first", "torch-first", "variables-preset")
 
 
@@ -83,8 +85,7 @@ def child(args):
 def spawn(args, order, start_at=0.0, threads=None):
     threads = threads or args.threads
     env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_THREAD_TIMEOUT", "GOMP_SPINCOUNT")}
-    for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-        env[variable] = str(threads)
+    env.update((variable, str(threads)) for variable in THREAD_VARIABLES)
     if order == "variables-preset":
         env.update(OPENBLAS_THREAD_TIMEOUT="4", GOMP_SPINCOUNT="10000")
     command = [sys.executable, __file__, "--child", order, "--threads", str(threads), "--steps", str(args.steps),

@@ -7,6 +7,7 @@ message, the exit status and that every file that was there is byte for byte unc
 import hashlib
 import json
 import os
+import re
 import tracemalloc
 
 import numpy as np
@@ -110,13 +111,8 @@ def test_size_is_checked_before_anything_is_read(grid, tmp_path, capsys, size, m
     data, _ = grid
     err = run_error(capsys, ["fit", data, "--size", size, "--out", str(tmp_path / "m.npz"), "--quiet"])
     assert err.startswith(f"npanomaly: error: --size: images of {size}x{size}")
-    assert re_search(match, err)
+    assert re.search(match, err)
     assert not (tmp_path / "m.npz").exists()
-
-
-def re_search(pattern, text):
-    import re
-    return re.search(pattern, text) is not None
 
 
 def test_fit_into_a_missing_folder_fails_before_fitting(grid, tmp_path, capsys, monkeypatch):
