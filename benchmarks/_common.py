@@ -36,15 +36,21 @@ def use_threads(threads, import_order="natural"):
         import torch
     except ImportError:
         torch = None
-    import npanomaly
-    from npanomaly import kernels
-
     if torch is not None:
         torch.set_num_threads(threads)
-    kernels.all_finite(numpy.zeros(8))  # starts Numba's pool, so the report names its layer
-    print(f"import order {import_order}: {npanomaly.threads.describe()}"
+    print(f"import order {import_order}: {describe_threads()}"
           f"{f'; torch {torch.__version__}, {torch.get_num_threads()} threads' if torch is not None else ''}",
           file=sys.stdout, flush=True)
+
+
+def describe_threads():
+    """npanomaly.threads.describe() once Numba's pool has started, so that it names the layer."""
+    import numpy
+
+    from npanomaly import kernels, threads
+
+    kernels.all_finite(numpy.zeros(8))
+    return threads.describe()
 
 
 def median_time(function, repeats, warm_up=True):

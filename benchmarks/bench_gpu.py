@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from _common import median_time
+from _common import describe_threads, median_time
 
 
 def main():
@@ -28,10 +28,9 @@ def main():
     conv_n, conv_c, conv_s, bn_c, bn_s, q_n, b_n, dim, points = (
         (1, 2, 8, 4, 4, 8, 8, 8, 64) if args.tiny else (8, 64, 128, 128, 64, 4096, 2048, 1024, 100000))
     from npanomaly import kernels as cpu
-    from npanomaly import threads
     from npanomaly.kernels import cuda as gpu_module
 
-    print(threads.describe())
+    print(describe_threads())
 
     if not gpu_module.is_available():
         print("no usable CUDA GPU here (numba.cuda.is_available() is False); nothing to measure")

@@ -11,7 +11,8 @@ Prints image AUROC, pixel AUROC, AUPRO (FPR <= 0.3) and the fit time per texture
 import argparse
 import time
 
-from npanomaly import PatchCore, StudentTeacher, metrics, synthetic, threads
+from _common import describe_threads
+from npanomaly import PatchCore, StudentTeacher, metrics, synthetic
 
 
 def main():
@@ -20,7 +21,7 @@ def main():
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    print(threads.describe())  # quality does not depend on it; fit times do
+    print(describe_threads())  # quality does not depend on it; fit times do
     models = [("PatchCore", "seed", lambda: PatchCore(backbone="seed")),
               ("PatchCore", "efficientnet_lite0", lambda: PatchCore(backbone="efficientnet_lite0"))]
     if args.student_teacher:
