@@ -5,10 +5,13 @@ import time
 
 
 class Progress:
-    """``with Progress(total, "label", enabled) as bar: ... bar.update()``; silent when not enabled."""
+    """``with Progress(total, "label", enabled) as bar: ... bar.update()``; silent when not enabled.
+
+    total=None (a source of unknown length) shows the count and the time without a bar.
+    """
 
     def __init__(self, total, label, enabled=True, stream=None, width=30):
-        self.total = max(1, int(total))
+        self.total = None if total is None else max(1, int(total))
         self.label = label
         self.enabled = enabled
         self.stream = stream or sys.stderr
@@ -18,13 +21,16 @@ class Progress:
         self.last_draw = 0.0
 
     def update(self, n=1):
-        self.done = min(self.total, self.done + n)
+        self.done = self.done + n if self.total is None else min(self.total, self.done + n)
         now = time.perf_counter()
         if self.enabled and (now - self.last_draw > 0.1 or self.done == self.total):
             self.last_draw = now
-            filled = int(self.width * self.done / self.total)
-            self.stream.write(f"\r{self.label:<22} [{'#' * filled}{'.' * (self.width - filled)}] "
-                              f"{self.done}/{self.total} {now - self.start:6.1f} s")
+            if self.total is None:
+                self.stream.write(f"\r{self.label:<22} {self.done} {now - self.start:6.1f} s")
+            else:
+                filled = int(self.width * self.done / self.total)
+                self.stream.write(f"\r{self.label:<22} [{'#' * filled}{'.' * (self.width - filled)}] "
+                                  f"{self.done}/{self.total} {now - self.start:6.1f} s")
             self.stream.flush()
 
     def __enter__(self):

@@ -79,14 +79,16 @@ def _heatmap_names(paths):
     return names
 
 
-def _fit(model, train, held_out, args):
+def _fit(model, train, held_out, args, size=None):
+    """Fit on train and set the threshold on held_out; both are arrays or lists of image files
+    (resized to size and read one batch at a time)."""
     if isinstance(model, npanomaly.PatchCore):
-        model.fit(train, coreset_ratio=args.coreset_ratio)
+        model.fit(train, coreset_ratio=args.coreset_ratio, size=size, spill_dir=getattr(args, "spill_dir", None))
         if held_out is not None:
-            model.calibrate_threshold(held_out, quantile=0.99)
+            model.calibrate_threshold(held_out, quantile=0.99, size=size)
     else:
         model.fit(train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                  validation=held_out, verbose=not args.quiet)
+                  validation=held_out, verbose=not args.quiet, size=size)
     return model
 
 
@@ -129,13 +131,10 @@ def command_fit(args):
     dataset = open_dataset(args.data)
     check_output(args.out, "--out", inputs=_dataset_files(dataset) + ([args.weights] if args.weights else []),
                  is_ours=is_model_file, kind="npanomaly model", force=args.force)
-    train = dataset.train_images(size)
-    _say(args, f"{len(train)} training images from {args.data}, resized to {args.size}x{args.size}")
-    held_out = None
+    _say(args, f"{len(dataset.train_paths)} training images from {args.data}, resized to {args.size}x{args.size} "
+               "and read one batch at a time")
     normal_tests = [item.path for item in dataset.test_items if not item.anomalous]
-    if normal_tests:
-        held_out = load_images(normal_tests, size)
-    model = _fit(model, train, held_out, args)
+    model = _fit(model, dataset.train_paths, normal_tests or None, args, size)
     path = model.save(args.out)
     print(f"saved {type(model).__name__} to {path} (threshold {model.threshold:.6g})")
     return 0
@@ -224,6 +223,9 @@ def build_parser():
     fit.add_argument("--epochs", type=int, default=30)
     fit.add_argument("--batch-size", type=int, default=8)
     fit.add_argument("--lr", type=float, default=1e-3)
+    fit.add_argument("--spill-dir", metavar="DIR",
+                     help="folder for PatchCore's temporary patch-feature file when the features exceed 1 GiB "
+                          "(default: the system's temporary folder); deleted when the fit ends")
     fit.set_defaults(run=command_fit)
 
     predict = commands.add_parser("predict", parents=[common], help="score images with a saved model")

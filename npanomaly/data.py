@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from npanomaly import kernels
+from npanomaly._validation import pair
 from npanomaly.png import read_png
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -280,10 +281,45 @@ class Dataset:
             masks = load_masks([item.mask_path for item in self.test_items], images.shape[2:], sizes)
         return images, labels, masks, [item.defect for item in self.test_items]
 
-    def batches(self, paths, batch_size, size, channels=3):
-        """Stream image files in batches of float32 [B, C, h, w]."""
-        for start in range(0, len(paths), batch_size):
-            yield load_images(paths[start:start + batch_size], size, channels)
+    def batches(self, paths=None, batch_size=8, size=None, channels=3):
+        """The image files ``paths`` (default: the training images) as an ImageFiles: a re-iterable
+        source of float32 batches [B, C, h, w], read from disk one batch at a time."""
+        return ImageFiles(self.train_paths if paths is None else paths, size, channels, batch_size)
+
+
+class ImageFiles:
+    """Image files read one batch at a time: a re-iterable source of float32 batches [B, C, h, w].
+
+    Iterating reads the files anew each time (nothing is cached), so a data set larger than memory
+    can be passed to ``PatchCore.fit``, ``StudentTeacher.fit`` or ``calibrate_threshold`` and
+    costs one batch of pixels at a time. ``take(indices)`` reads chosen files as one batch (the
+    Student-Teacher's shuffled mini-batches). size=None requires all files to have one size.
+    """
+
+    def __init__(self, paths, size=None, channels=3, batch_size=8):
+        if isinstance(paths, (str, bytes, os.PathLike)):
+            raise TypeError(f"paths must be a list of image files, got one path {paths!r}")
+        self.paths = [os.fspath(path) for path in paths]
+        if not self.paths:
+            raise ValueError("no image files given")
+        self.size = None if size is None else pair(size, "size")
+        self.channels = channels
+        self.batch_size = batch_size
+
+    def __len__(self):
+        """The number of images (not batches)."""
+        return len(self.paths)
+
+    def __iter__(self):
+        for start in range(0, len(self.paths), self.batch_size):
+            yield load_images(self.paths[start:start + self.batch_size], self.size, self.channels)
+
+    def take(self, indices):
+        """The files at ``indices`` (in that order) as one batch [len(indices), C, h, w]."""
+        return load_images([self.paths[int(i)] for i in indices], self.size, self.channels)
+
+    def __repr__(self):
+        return f"ImageFiles({len(self.paths)} files, size={self.size}, batch_size={self.batch_size})"
 
 
 def mvtec_category(root):

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from npanomaly import threads
+from npanomaly import sources, threads
 from npanomaly._files import atomic_write
 from npanomaly._progress import Progress
 from npanomaly.checkpoint import read_npz
 from npanomaly._validation import (MAX_BATCH_SIZE, MAX_WIDTH, check_batch, check_finite, check_fitted,
-                                   check_fraction, check_image_size, check_positive_int)
+                                   check_fraction, check_image_size, check_positive_int, pair)
 
 FORMAT_VERSION = 1
 #: The most bytes the arrays of one saved model may take (a 8,000-image wide_resnet50_2 bank at 10%
@@ -96,22 +96,57 @@ class Detector:
                              "so pass images before any normalisation (np.clip(images, 0, 1) for resampling overshoot)")
         return images.astype(np.float32, copy=False)
 
-    def _batches(self, images):
-        """Consecutive batches of batch_size images; before each, the thread pools take only the
-        cores other processes leave free (threads.share_cores), and get them all back at the end."""
+    def _source(self, images, name, size=None, fitting=False):
+        """What the caller passed as images, as a source of batches (npanomaly.sources).
+
+        size: (h, w) or int for image files; by default the fitted image size. An array is checked
+        whole here (as before); other sources are checked batch by batch as they are read.
+        """
+        if isinstance(images, sources.SOURCES):
+            return images  # already checked by the caller
+        if size is not None:
+            size = self.check_image_size(pair(size, "size"), "size")
+        elif not fitting or self.image_size_ is not None:
+            size = self.image_size_
+        source = sources.as_source(images, name, self.in_channels, size)
+        if isinstance(source, sources.ArraySource):
+            source = sources.ArraySource(self._check_images(images, name, fitting))
+        return source
+
+    def _batches(self, source, name="images", fitting=False, batch_size=None):
+        """Checked float32 batches of batch_size images from a source (or an array); before each, the
+        thread pools take only the cores other processes leave free (threads.share_cores), and get
+        them all back at the end. A source's images must all have one size (the first batch's when
+        fitting, else the fitted one)."""
+        if isinstance(source, np.ndarray):
+            source = sources.ArraySource(source)
+        checked = isinstance(source, sources.ArraySource)
+        expected = source.image_size if fitting else self.image_size_
+        count = 0
         try:
-            for start in range(0, images.shape[0], self.batch_size):
+            for index, batch in enumerate(source.batches(batch_size or self.batch_size)):
+                if not checked:
+                    batch = self._check_images(batch, f"{name} (batch {index})", fitting)
+                    if expected is None:
+                        expected = batch.shape[2:]
+                    elif batch.shape[2:] != tuple(expected):
+                        raise ValueError(f"{name} (batch {index}) holds {batch.shape[2]}x{batch.shape[3]} images, "
+                                         f"expected {expected[0]}x{expected[1]} like the ones before")
+                count += batch.shape[0]
                 threads.share_cores()
-                yield images[start:start + self.batch_size]
+                yield batch
         finally:
             threads.restore_cores()
+        if count == 0:
+            raise ValueError(f"{name} holds no images")
+        source.n_images = count
 
-    def _stream(self, images, want_maps):
+    def _stream(self, images, want_maps, size=None, name="images"):
         check_fitted(self, self._fitted_attribute)
-        images = self._check_images(images)
+        source = self._source(images, name, size)
         scores, maps = [], []
-        with Progress(images.shape[0], "prediction", self.show_progress) as bar:
-            for batch in self._batches(images):
+        with Progress(source.n_images, "prediction", self.show_progress) as bar:
+            for batch in self._batches(source, name):
                 batch_scores, batch_maps = self._score_and_map(batch, want_maps)
                 scores.append(batch_scores)
                 if want_maps:
@@ -133,39 +168,43 @@ class Detector:
         self.threshold_ = value
         return self
 
-    def score_samples(self, images):
+    def score_samples(self, images, size=None):
         """Anomaly score of each image: higher = more anomalous.
+
+        images: an array [N, C, H, W] or any source of npanomaly.sources (image files are resized
+        to ``size``, by default the fitted image size), streamed one batch at a time.
 
         Note: the opposite sign convention of scikit-learn's ``score_samples`` (IsolationForest,
         LocalOutlierFactor), where lower means more abnormal.
         Returns float64 [N].
         """
-        return self._stream(images, want_maps=False)[0]
+        return self._stream(images, want_maps=False, size=size)[0]
 
-    def anomaly_map(self, images):
+    def anomaly_map(self, images, size=None):
         """Per-pixel anomaly maps at input resolution, float32 [N, H, W] (higher = more anomalous)."""
-        return self._stream(images, want_maps=True)[1]
+        return self._stream(images, want_maps=True, size=size)[1]
 
-    def scores_and_maps(self, images):
+    def scores_and_maps(self, images, size=None):
         """(score_samples(images), anomaly_map(images)) from one pass over the images."""
-        return self._stream(images, want_maps=True)
+        return self._stream(images, want_maps=True, size=size)
 
-    def decision_function(self, images):
+    def decision_function(self, images, size=None):
         """score_samples(images) - threshold: positive means anomalous."""
-        return self.score_samples(images) - self.threshold_
+        return self.score_samples(images, size) - self.threshold_
 
-    def predict(self, images):
+    def predict(self, images, size=None):
         """One AnomalyResult(score, is_anomalous, heatmap) per image, heatmaps at input resolution."""
-        scores, maps = self._stream(images, want_maps=True)
+        scores, maps = self._stream(images, want_maps=True, size=size)
         return [AnomalyResult(float(s), bool(s > self.threshold_), m) for s, m in zip(scores, maps)]
 
-    def calibrate_threshold(self, normal_images, quantile=0.99):
+    def calibrate_threshold(self, normal_images, quantile=0.99, size=None):
         """Set the threshold to the given quantile of the scores of held-out normal images.
 
-        With quantile=0.99 about 1% of normal images will be flagged. Returns self.
+        With quantile=0.99 about 1% of normal images will be flagged. normal_images: an array or
+        any source of npanomaly.sources (streamed; only the scores are kept). Returns self.
         """
         quantile = check_fraction(quantile, "quantile")
-        scores = self.score_samples(normal_images)
+        scores = self._stream(normal_images, want_maps=False, size=size, name="normal_images")[0]
         self.threshold_ = float(np.quantile(scores, quantile))
         return self
 

@@ -10,6 +10,8 @@ Unlike the seed, the backbone's batch norms always use their running statistics 
 features (the seed's eval() did nothing, so a test image's score depended on its batch mates).
 """
 
+import contextlib
+
 import numpy as np
 
 from npanomaly import backbones, kernels, threads
@@ -18,7 +20,8 @@ from npanomaly._validation import (MAX_BLUR_SIGMA, MAX_NEIGHBORS, MAX_WIDTH, che
                                    check_nonnegative_float, check_positive_int, check_state)
 from npanomaly.detector import Detector, register
 from npanomaly.maps import upsample_and_blur
-from npanomaly.search import greedy_coreset, knn
+from npanomaly.search import StreamingProjection, greedy_coreset, greedy_select, knn, random_projection
+from npanomaly.spill import SPILL_ABOVE_BYTES, FeatureSpill, MemoryFeatures
 
 DEFAULT_LAYERS = {"seed": ("block2", "block3"), "efficientnet_lite0": ("stride8", "stride16"),
                   "resnet18": ("layer2", "layer3"), "resnet50": ("layer2", "layer3"),
@@ -190,33 +193,74 @@ class PatchCore(Detector):
         return np.ascontiguousarray(features.transpose(0, 2, 3, 1))
 
     # ----------------------------------------------------------------- fit
-    def fit(self, normal_images, coreset_ratio=0.1):
-        """Build the memory bank from normal images [N, C, H, W] (streamed in batches) and set the threshold.
+    def fit(self, normal_images, coreset_ratio=0.1, *, size=None, spill="auto", spill_dir=None):
+        """Build the memory bank from normal images and set the threshold. Returns self.
 
-        coreset_ratio in (0, 1]: the fraction of all patch features kept in the bank. Returns self.
+        normal_images: an array [N, C, H, W] in [0, 1], or a source read one batch at a time: a list
+            of image files with ``size=``, a data.Dataset, a data.ImageFiles or any re-iterable of
+            batches (npanomaly.sources).
+        coreset_ratio in (0, 1]: the fraction of all patch features kept in the bank.
+        size: (h, w) or int that image files are resized to.
+        spill: where the N patch features wait for the coreset: False in memory, True in a
+            temporary .npy file in ``spill_dir`` (default: the system's temporary folder), "auto"
+            in memory up to spill.SPILL_ABOVE_BYTES (1 GiB) of features, else on disk (and always on
+            disk when the number of images is not known in advance). On disk the greedy coreset
+            keeps only the projected rows [N, projection_dim] and two numbers per row in memory,
+            and the chosen rows are read back at the end; the file is deleted when fit returns or
+            fails. Either way the same images and seed give the same bank, bit for bit.
         """
         coreset_ratio = check_fraction(coreset_ratio, "coreset_ratio")
-        images = self._check_images(normal_images, "normal_images", fitting=True)
-        parts = []
-        with Progress(images.shape[0], "feature extraction", self.show_progress) as bar:
-            for batch in self._batches(images):
-                parts.append(self._patch_features(batch).reshape(-1, self.feature_size))
+        if spill not in ("auto", True, False):
+            raise ValueError(f"spill must be 'auto', True or False, got {spill!r}")
+        source = self._source(normal_images, "normal_images", size, fitting=True)
+        dim = self.feature_size
+        matrix = None
+        if self.sampler == "greedy":
+            matrix = random_projection(dim, self.projection_dim, self.seed)
+        with contextlib.ExitStack() as stack:
+            store = projection = None
+            bar = stack.enter_context(Progress(source.n_images, "feature extraction", self.show_progress))
+            for batch in self._batches(source, "normal_images", fitting=True):
+                rows = self._patch_features(batch).reshape(-1, dim)
+                if store is None:  # the first batch tells how many rows an image gives
+                    image_size = batch.shape[2:]
+                    store = stack.enter_context(self._feature_store(source.n_images, rows.shape[0] // batch.shape[0],
+                                                                    spill, spill_dir))
+                    if store.spilled and matrix is not None:
+                        projection = StreamingProjection(matrix, store.expected_rows)
+                store.append(rows)
+                if projection is not None:
+                    projection.add(rows)
                 bar.update(batch.shape[0])
-        features = np.concatenate(parts)
-        n = features.shape[0]
-        threads.share_cores()
-        try:
-            if self.sampler == "uniform":
-                keep = seed_uniform_indices(n, coreset_ratio)
-            else:
-                keep = greedy_coreset(features, max(1, int(n * coreset_ratio)), projection_dim=self.projection_dim,
-                                      start=0, seed=self.seed, progress=self.show_progress, device=self.device)
-        finally:
-            threads.restore_cores()
-        self.memory_bank_ = np.ascontiguousarray(features[keep])
-        self.image_size_ = images.shape[2:]
+            n = store.rows
+            threads.share_cores()
+            try:
+                if self.sampler == "uniform":
+                    keep = seed_uniform_indices(n, coreset_ratio)
+                else:
+                    n_select = max(1, int(n * coreset_ratio))
+                    if projection is not None:
+                        keep = greedy_select(projection.finish(), n_select, start=0, progress=self.show_progress,
+                                             device=self.device)
+                    else:
+                        keep = greedy_coreset(store.array(), n_select, projection_dim=self.projection_dim, start=0,
+                                              seed=self.seed, progress=self.show_progress, device=self.device)
+            finally:
+                threads.restore_cores()
+            bank = store.gather(keep)
+        self.memory_bank_ = bank
+        self.image_size_ = image_size
         self.threshold_ = nearest_other_threshold(self.memory_bank_)
         return self
+
+    def _feature_store(self, n_images, rows_per_image, spill, spill_dir):
+        """MemoryFeatures or FeatureSpill for the fit's patch features, by the rule of fit's docstring."""
+        expected = None if n_images is None else n_images * rows_per_image
+        if spill == "auto":
+            spill = expected is None or expected * self.feature_size * 4 > SPILL_ABOVE_BYTES
+        if spill:
+            return FeatureSpill(self.feature_size, spill_dir, expected)
+        return MemoryFeatures(self.feature_size, expected)
 
     def _feature_stages(self):
         return self.feature_extractor, self.layers

@@ -11,7 +11,7 @@ from npanomaly._progress import Progress
 from npanomaly._validation import check_array, check_finite, check_positive_int
 from npanomaly.kernels import _config
 
-__all__ = ["greedy_coreset", "knn"]
+__all__ = ["StreamingProjection", "greedy_coreset", "greedy_select", "knn", "random_projection"]
 
 
 def _check_matrix(x, name):
@@ -96,6 +96,67 @@ def knn(queries, bank, k=1, *, exclude_self=False, device="cpu"):
     return np.sqrt(distances).astype(np.float32), indices
 
 
+#: Bytes of rows per projection product. The rows are always copied into one block buffer of
+#: this size first, so a fit that streams its features and one that holds them all make exactly
+#: the same BLAS calls on the same bits (and select the same coreset).
+PROJECTION_BLOCK_BYTES = 8 * 1024 * 1024
+
+
+def random_projection(dim, projection_dim, seed, dtype=np.float32):
+    """The seeded Gaussian Johnson-Lindenstrauss matrix [dim, projection_dim] / sqrt(projection_dim),
+    or None when projection_dim is None or >= dim (then distances are measured exactly)."""
+    if projection_dim is None or projection_dim >= dim:
+        return None
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((dim, projection_dim)) / np.sqrt(projection_dim)).astype(dtype)
+
+
+class StreamingProjection:
+    """Rows times a projection matrix, computed as the rows arrive in any number of pieces.
+
+    ``add(rows)`` as often as needed, then ``finish()`` returns all projected rows [N, p]. The
+    product is taken in fixed blocks of rows counted from the first row, through one buffer, so
+    the result does not depend on how the rows were cut into pieces. expected_rows (when known)
+    lets the result be allocated once.
+    """
+
+    def __init__(self, matrix, expected_rows=None):
+        self.matrix = matrix
+        dim, self.width = matrix.shape
+        self.block = np.empty((max(1, PROJECTION_BLOCK_BYTES // (dim * matrix.itemsize)), dim), matrix.dtype)
+        self.filled = 0
+        self.rows = 0
+        self.out = None if expected_rows is None else np.empty((expected_rows, self.width), matrix.dtype)
+        self.parts = []
+
+    def add(self, rows):
+        start = 0
+        while start < rows.shape[0]:
+            take = min(self.block.shape[0] - self.filled, rows.shape[0] - start)
+            self.block[self.filled:self.filled + take] = rows[start:start + take]
+            self.filled += take
+            start += take
+            if self.filled == self.block.shape[0]:
+                self._flush()
+
+    def _flush(self):
+        rows = self.block[:self.filled]
+        if self.out is None:
+            self.parts.append(rows @ self.matrix)
+        else:
+            np.matmul(rows, self.matrix, out=self.out[self.rows:self.rows + self.filled])
+        self.rows += self.filled
+        self.filled = 0
+
+    def finish(self):
+        """All projected rows [N, p] in arrival order."""
+        if self.filled:
+            self._flush()
+        if self.out is None:
+            self.out, self.parts = np.concatenate(self.parts), []
+        return self.out
+
+
 def greedy_coreset(features, n_select, projection_dim=128, start=0, seed=0, progress=False, device="cpu"):
     """Indices of a greedy k-center coreset (PatchCore's memory-bank subsampling).
 
@@ -116,22 +177,30 @@ def greedy_coreset(features, n_select, projection_dim=128, start=0, seed=0, prog
         device: "cpu" or "cuda" (the distance update runs as a numba.cuda kernel).
 
     Returns:
-        int64 [n_select] row indices in selection order. Memory: a float64 and an int64 per row.
+        int64 [n_select] row indices in selection order. Memory: the projected rows [N, p], a
+        float64 and an int64 per row.
     """
     features = _check_matrix(features, "features")
-    n = features.shape[0]
+    if projection_dim is not None:
+        projection_dim = check_positive_int(projection_dim, "projection_dim")
+    matrix = random_projection(features.shape[1], projection_dim, seed, features.dtype)
+    if matrix is not None:
+        projection = StreamingProjection(matrix, features.shape[0])
+        projection.add(features)
+        features = projection.finish()
+    return greedy_select(features, n_select, start, progress, device)
+
+
+def greedy_select(points, n_select, start=0, progress=False, device="cpu"):
+    """The greedy k-center selection of greedy_coreset on points [N, p] as given (already projected,
+    or exact): n_select row indices in selection order."""
+    n = points.shape[0]
     n_select = check_positive_int(n_select, "n_select")
     if n_select > n:
         raise ValueError(f"n_select={n_select} exceeds the {n} rows of features")
     start = check_positive_int(start, "start", minimum=0)
     if start >= n:
-        raise ValueError(f"start={start} is not a row of features (shape {features.shape})")
-    if projection_dim is not None:
-        projection_dim = check_positive_int(projection_dim, "projection_dim")
-        if projection_dim < features.shape[1]:
-            rng = np.random.default_rng(seed)
-            matrix = rng.standard_normal((features.shape[1], projection_dim)) / np.sqrt(projection_dim)
-            features = features @ matrix.astype(features.dtype)
+        raise ValueError(f"start={start} is not a row of features (shape {points.shape})")
     table = kernels.for_device(device)
     min_dist = np.full(n, np.inf)
     nearest = np.zeros(n, dtype=np.int64)
@@ -139,7 +208,7 @@ def greedy_coreset(features, n_select, projection_dim=128, start=0, seed=0, prog
     selected[0] = start
     with Progress(n_select - 1, "coreset", progress) as bar:
         for step in range(1, n_select):
-            table.update_min_distances(features, selected, step, min_dist, nearest)
+            table.update_min_distances(points, selected, step, min_dist, nearest)
             min_dist[selected[step - 1]] = -1.0
             selected[step] = np.argmax(min_dist)  # the first maximum: ties go to the lowest index
             bar.update()

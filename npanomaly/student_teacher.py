@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from npanomaly import backbones, kernels, nn, optim, threads
+from npanomaly import backbones, kernels, nn, optim, sources, threads
 from npanomaly._validation import (MAX_ABS_VALUE, MAX_BLUR_SIGMA, MAX_WIDTH, check_fraction, check_nonnegative_float,
                                    check_positive_int, check_state)
 from npanomaly.detector import Detector, register
@@ -168,11 +168,17 @@ class StudentTeacher(Detector):
 
     # ----------------------------------------------------------------- fit
     def fit(self, normal_images, epochs=30, batch_size=8, lr=1e-3, optimizer="adam", seed=0, validation=None,
-            quantile=0.99, warm_start=False, verbose=True):
-        """Train the student on normal images [N, C, H, W] and set the threshold.
+            quantile=0.99, warm_start=False, verbose=True, *, size=None):
+        """Train the student on normal images and set the threshold.
 
-        Shuffled mini-batches (deterministic for ``seed``), Adam (or ``optimizer="sgd"``: momentum
-        0.9), one progress line per epoch on stderr (loss, held-out loss, images/s) unless
+        normal_images (and validation): an array [N, C, H, W] in [0, 1], or a source read one batch
+        at a time: a list of image files with ``size=``, a data.Dataset, a data.ImageFiles or any
+        re-iterable of batches (npanomaly.sources). Shuffled mini-batches (deterministic for
+        ``seed``): each epoch draws a new permutation of all images and reads one batch of them at
+        a time, so files are reshuffled across the whole set and the same images as an array or as
+        files train the same student. A generic re-iterable of batches has no random access and is
+        read in its own order (shuffle it yourself). Adam (or ``optimizer="sgd"``: momentum 0.9),
+        one progress line per epoch on stderr (loss, held-out loss, images/s) unless
         ``verbose=False``. ``validation``: held-out normal images; their loss is reported each epoch
         and the threshold becomes the ``quantile`` of their scores. Without them the threshold is the
         quantile of the training images' scores (a student that fits its training set well makes
@@ -192,12 +198,10 @@ class StudentTeacher(Detector):
         if optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
         quantile = check_fraction(quantile, "quantile")
-        images = self._check_images(normal_images, "normal_images", fitting=True)
-        held_out = None if validation is None else self._check_images(validation, "validation", fitting=True)
+        source = self._source(normal_images, "normal_images", size, fitting=True)
+        held_out = None if validation is None else self._source(validation, "validation", size, fitting=True)
         before = self._snapshot()
-        if self.image_size_ is None:
-            self.image_size_ = images.shape[2:]
-        self._calibrate_teacher(images)
+        self._calibrate_teacher(source)
 
         if not (warm_start and self.optimizer_ is not None):
             params = self.student_parameters()
@@ -207,11 +211,11 @@ class StudentTeacher(Detector):
         for epoch in range(epochs):
             self.train()
             start = time.perf_counter()
-            order = rng.permutation(images.shape[0])
-            losses = []
-            for first in range(0, len(order), batch_size):
-                chosen = np.sort(order[first:first + batch_size])
-                batch = images[chosen]
+            losses, seen = [], 0
+            for batch in self._training_batches(source, rng, batch_size):
+                if self.image_size_ is None:
+                    self.image_size_ = batch.shape[2:]
+                seen += batch.shape[0]
                 if batch.shape[0] * batch.shape[2] * batch.shape[3] < 4:
                     continue  # batch norm needs several values per channel; only a 1-image tail of 1x1 images
                 with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # checked just below
@@ -225,8 +229,8 @@ class StudentTeacher(Detector):
                         f"student's weights left the finite range (|w| < {MAX_ABS_VALUE:.0e}); nothing of this "
                         f"fit was kept. Use a smaller learning rate than lr={lr:g} (e.g. lr={lr / 10:g})")
                 losses.append(loss * batch.shape[0])
-            self.loss_history_.append(float(np.sum(losses) / images.shape[0]))
-            rate = images.shape[0] / (time.perf_counter() - start)
+            self.loss_history_.append(float(np.sum(losses) / seen))
+            rate = seen / (time.perf_counter() - start)
             message = f"epoch {len(self.loss_history_):3d}/{epochs}: loss {self.loss_history_[-1]:.6f}"
             if held_out is not None:
                 self.eval()
@@ -236,8 +240,21 @@ class StudentTeacher(Detector):
                 print(f"{message}, {rate:.1f} images/s", file=sys.stderr, flush=True)
         self.eval()
         self.threshold_ = 0.0  # marks the model as fitted for score_samples
-        self.calibrate_threshold(held_out if held_out is not None else images, quantile)
+        self.calibrate_threshold(held_out if held_out is not None else source, quantile)
         return self
+
+    def _training_batches(self, source, rng, batch_size):
+        """One epoch's mini-batches: a fresh permutation of all images, read batch_size at a time
+        (each batch's images in index order), or a source without random access in its own order."""
+        if source.take is None:
+            yield from self._batches(source, "normal_images", fitting=True, batch_size=batch_size)
+            return
+        order = rng.permutation(source.n_images)
+        for first in range(0, len(order), batch_size):
+            batch = source.take(np.sort(order[first:first + batch_size]))
+            if not isinstance(source, sources.ArraySource):  # arrays were checked whole
+                batch = self._check_images(batch, "normal_images", fitting=True)
+            yield batch
 
     def _snapshot(self):
         """Copies of everything fit() changes in the student, to put back if training diverges."""
@@ -262,7 +279,7 @@ class StudentTeacher(Detector):
         self.threshold_, self.image_size_ = threshold, image_size
         self.eval()
 
-    def _calibrate_teacher(self, images):
+    def _calibrate_teacher(self, source):
         """Estimate the teacher's batch-norm statistics once from the normal images.
 
         A randomly initialised teacher's running statistics (mean 0, variance 1) describe nothing;
@@ -276,19 +293,22 @@ class StudentTeacher(Detector):
         for layer in norms:
             layer.momentum = None
         self.teacher.train()
-        for batch in self._batches(images):
-            if batch.shape[0] * batch.shape[2] * batch.shape[3] >= 4:
-                self.teacher(batch)
-        self.teacher.eval()
-        for layer, momentum in zip(norms, momenta):
-            layer.momentum = momentum
+        try:
+            for batch in self._batches(source, "normal_images", fitting=True):
+                if batch.shape[0] * batch.shape[2] * batch.shape[3] >= 4:
+                    self.teacher(batch)
+        finally:
+            self.teacher.eval()
+            for layer, momentum in zip(norms, momenta):
+                layer.momentum = momentum
 
-    def _mean_loss(self, images):
-        total = 0.0
-        for batch in self._batches(images):
+    def _mean_loss(self, source):
+        total, count = 0.0, 0
+        for batch in self._batches(source, "validation", fitting=True):
             total += self._loss_and_grads(self._features(self._teacher, batch),
                                           self._features(self._student, batch))[0] * batch.shape[0]
-        return total / images.shape[0]
+            count += batch.shape[0]
+        return total / count
 
     # ----------------------------------------------------------------- scoring
     def _score_and_map(self, batch, want_maps):
