@@ -4,6 +4,7 @@ Errors are reported as one line on stderr with exit status 1, never as a traceba
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -25,10 +26,52 @@ def _say(args, message):
         print(message, file=sys.stderr, flush=True)
 
 
-def _evaluate(model, images, labels, masks):
+def _scores_and_maps(model, images, paths=None, client=None):
+    """model.scores_and_maps(images), or on the cluster from the files when there is one."""
+    if client is None:
+        return model.scores_and_maps(images)
+    from npanomaly import distributed
+
+    return distributed.scores_and_maps(model, list(paths), client, size=model.image_size_)
+
+
+@contextlib.contextmanager
+def _cluster(args):
+    """A Dask client for --scheduler, or None without it: tcp://HOST:PORT connects to a running
+    scheduler, local or local:N starts N worker processes (default: one per core) on this machine."""
+    address = getattr(args, "scheduler", None)
+    if not address:
+        yield None
+        return
+    try:
+        import distributed as dask_distributed
+
+        from npanomaly import distributed  # noqa: F401 - the extra's own check
+    except ImportError as error:
+        raise RuntimeError("--scheduler needs Dask: pip install npanomaly[dask]") from error
+    if address == "local" or address.startswith("local:"):
+        workers = address.partition(":")[2]
+        if workers and not (workers.isdigit() and int(workers) > 0):
+            raise ValueError(f"--scheduler local:N needs a number of workers N >= 1, got {address!r}")
+        cluster = dask_distributed.LocalCluster(n_workers=int(workers) if workers else os.cpu_count(),
+                                                threads_per_worker=1, processes=True, dashboard_address=None)
+        _say(args, f"started a local Dask cluster of {len(cluster.workers)} worker processes")
+        with cluster, dask_distributed.Client(cluster) as client:
+            yield client
+        return
+    try:
+        client = dask_distributed.Client(address, timeout=30)
+    except OSError as error:
+        raise OSError(f"--scheduler {address}: cannot reach a Dask scheduler there ({error})") from error
+    with client:
+        _say(args, f"connected to the Dask scheduler at {address} ({len(client.scheduler_info()['workers'])} workers)")
+        yield client
+
+
+def _evaluate(model, images, labels, masks, paths=None, client=None):
     """Scores, maps and the metrics table of a fitted model on a labelled test set."""
     start = time.perf_counter()
-    scores, maps = model.scores_and_maps(images)
+    scores, maps = _scores_and_maps(model, images, paths, client)
     predict_s = time.perf_counter() - start
     table = {"image AUROC": metrics.auroc(scores, labels)}
     if masks is not None and masks.any():
@@ -79,9 +122,16 @@ def _heatmap_names(paths):
     return names
 
 
-def _fit(model, train, held_out, args, size=None):
+def _fit(model, train, held_out, args, size=None, client=None):
     """Fit on train and set the threshold on held_out; both are arrays or lists of image files
-    (resized to size and read one batch at a time)."""
+    (resized to size and read one batch at a time), on the cluster when there is one."""
+    if client is not None:
+        from npanomaly import distributed
+
+        distributed.fit(model, train, client, size=size, coreset_ratio=args.coreset_ratio, spill_dir=args.spill_dir)
+        if held_out is not None:
+            distributed.calibrate_threshold(model, held_out, 0.99, client, size=size)
+        return model
     if isinstance(model, npanomaly.PatchCore):
         model.fit(train, coreset_ratio=args.coreset_ratio, size=size, spill_dir=getattr(args, "spill_dir", None))
         if held_out is not None:
@@ -134,7 +184,8 @@ def command_fit(args):
     _say(args, f"{len(dataset.train_paths)} training images from {args.data}, resized to {args.size}x{args.size} "
                "and read one batch at a time")
     normal_tests = [item.path for item in dataset.test_items if not item.anomalous]
-    model = _fit(model, dataset.train_paths, normal_tests or None, args, size)
+    with _cluster(args) as client:
+        model = _fit(model, dataset.train_paths, normal_tests or None, args, size, client)
     path = model.save(args.out)
     print(f"saved {type(model).__name__} to {path} (threshold {model.threshold:.6g})")
     return 0
@@ -152,7 +203,9 @@ def command_predict(args):
         for path in heatmaps:  # files named *_heatmap.png are ours to replace, never an input or the model
             check_output(path, "--heatmaps", inputs=[args.model] + list(args.images), is_ours=lambda _: True)
     images = load_images(args.images, model.image_size_)
-    results = model.predict(images)
+    with _cluster(args) as client:
+        scores, maps = _scores_and_maps(model, images, args.images, client)
+    results = [npanomaly.AnomalyResult(float(s), bool(s > model.threshold), m) for s, m in zip(scores, maps)]
     if heatmaps:
         low = min(float(r.heatmap.min()) for r in results)
         high = max(float(r.heatmap.max()) for r in results)
@@ -176,7 +229,9 @@ def command_eval(args):
         check_output(args.report, "--report", inputs=[args.model] + _dataset_files(dataset), is_ours=is_report,
                      kind="npanomaly report", force=args.force)
     images, labels, masks, defects = dataset.test_images(model.image_size_)
-    scores, maps, table, predict_s = _evaluate(model, images, labels, masks)
+    with _cluster(args) as client:
+        scores, maps, table, predict_s = _evaluate(model, images, labels, masks,
+                                                   [item.path for item in dataset.test_items], client)
     for key, value in table.items():
         print(f"{key:<20} {value:.4f}")
     print(f"{'images':<20} {len(images)} ({labels.sum()} anomalous), {len(images) / predict_s:.1f} images/s")
@@ -187,6 +242,12 @@ def command_eval(args):
                               model.threshold, images, maps, masks, names)])
         print(f"report: {args.report}")
     return 0
+
+
+def _add_scheduler(parser, what):
+    parser.add_argument("--scheduler", metavar="ADDRESS",
+                        help=f"{what}: tcp://HOST:8786 (a running `dask scheduler`) or local[:N] (N worker processes "
+                             "started here); needs npanomaly[dask] and files every worker can read")
 
 
 def build_parser():
@@ -226,6 +287,7 @@ def build_parser():
     fit.add_argument("--spill-dir", metavar="DIR",
                      help="folder for PatchCore's temporary patch-feature file when the features exceed 1 GiB "
                           "(default: the system's temporary folder); deleted when the fit ends")
+    _add_scheduler(fit, "fit PatchCore on a Dask cluster")
     fit.set_defaults(run=command_fit)
 
     predict = commands.add_parser("predict", parents=[common], help="score images with a saved model")
@@ -233,6 +295,7 @@ def build_parser():
     predict.add_argument("images", nargs="+")
     predict.add_argument("--heatmaps", metavar="DIR", help="write heatmap overlays as PNG files here")
     predict.add_argument("--json", action="store_true", help="print the results as JSON")
+    _add_scheduler(predict, "score the images on a Dask cluster")
     predict.set_defaults(run=command_predict)
 
     evaluate = commands.add_parser("eval", parents=[common], help="metrics of a saved model on a labelled data set")
@@ -242,6 +305,7 @@ def build_parser():
                           help="write a self-contained HTML report (an existing file that is not an npanomaly report "
                                "is only replaced with --force; never the model or an input)")
     evaluate.add_argument("--force", action="store_true", help="replace --report even if it is not an npanomaly report")
+    _add_scheduler(evaluate, "score the test images on a Dask cluster")
     evaluate.set_defaults(run=command_eval)
     return parser
 

@@ -11,6 +11,7 @@ features (the seed's eval() did nothing, so a test image's score depended on its
 """
 
 import contextlib
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -70,6 +71,8 @@ def reweighted_scores(patch_features, patch_dist, patch_index, bank, num_neighbo
     A patch far from a dense region of the bank keeps more of its score than one near a sparse one.
 
     Shapes: patch_features [N, P, D], patch_dist [N, P], patch_index [N, P] -> scores [N] float64.
+    bank: the memory bank [M, D], or an object with the same ``shape``, ``rows(indices)`` and
+    ``knn(queries, k)`` (distributed.ShardedBank: a bank split over several machines).
     """
     n_images = patch_dist.shape[0]
     worst = np.argmax(patch_dist, axis=1)
@@ -77,13 +80,27 @@ def reweighted_scores(patch_features, patch_dist, patch_index, bank, num_neighbo
     s_star = patch_dist[rows, worst].astype(np.float64)
     m_star = patch_index[rows, worst]
     b = min(num_neighbors, bank.shape[0])
-    _, support = knn(bank[m_star], bank, k=b)
+    if isinstance(bank, np.ndarray):
+        _, support = knn(bank[m_star], bank, k=b)
+        neighbours = bank[support]
+    else:
+        _, support = bank.knn(bank.rows(m_star), k=b)
+        neighbours = bank.rows(support.ravel()).reshape(support.shape + (-1,))
     test = patch_features[rows, worst].astype(np.float64)
-    distances = np.sqrt(np.sum((test[:, None, :] - bank[support].astype(np.float64)) ** 2, axis=2))
+    distances = np.sqrt(np.sum((test[:, None, :] - neighbours.astype(np.float64)) ** 2, axis=2))
     # softmax weight of m*, computed stably: exp(s* - max) / sum exp(d - max)
     top = distances.max(axis=1, keepdims=True)
     weight = np.exp(s_star - top[:, 0]) / np.sum(np.exp(distances - top), axis=1)
     return (1.0 - weight) * s_star
+
+
+@dataclass
+class _Collected:
+    """A fit's patch features: where they wait (store), their streamed projection, the image size."""
+
+    store: object
+    projection: object
+    image_size: tuple
 
 
 @register
@@ -213,45 +230,54 @@ class PatchCore(Detector):
         if spill not in ("auto", True, False):
             raise ValueError(f"spill must be 'auto', True or False, got {spill!r}")
         source = self._source(normal_images, "normal_images", size, fitting=True)
-        dim = self.feature_size
-        matrix = None
-        if self.sampler == "greedy":
-            matrix = random_projection(dim, self.projection_dim, self.seed)
-        with contextlib.ExitStack() as stack:
-            store = projection = None
-            bar = stack.enter_context(Progress(source.n_images, "feature extraction", self.show_progress))
-            for batch in self._batches(source, "normal_images", fitting=True):
-                rows = self._patch_features(batch).reshape(-1, dim)
-                if store is None:  # the first batch tells how many rows an image gives
-                    image_size = batch.shape[2:]
-                    store = stack.enter_context(self._feature_store(source.n_images, rows.shape[0] // batch.shape[0],
-                                                                    spill, spill_dir))
-                    if store.spilled and matrix is not None:
-                        projection = StreamingProjection(matrix, store.expected_rows)
-                store.append(rows)
-                if projection is not None:
-                    projection.add(rows)
-                bar.update(batch.shape[0])
-            n = store.rows
-            threads.share_cores()
-            try:
-                if self.sampler == "uniform":
-                    keep = seed_uniform_indices(n, coreset_ratio)
-                else:
-                    n_select = max(1, int(n * coreset_ratio))
-                    if projection is not None:
-                        keep = greedy_select(projection.finish(), n_select, start=0, progress=self.show_progress,
-                                             device=self.device)
-                    else:
-                        keep = greedy_coreset(store.array(), n_select, projection_dim=self.projection_dim, start=0,
-                                              seed=self.seed, progress=self.show_progress, device=self.device)
-            finally:
-                threads.restore_cores()
-            bank = store.gather(keep)
+        with self._collect_features(source, spill, spill_dir) as collected:
+            n = collected.store.rows
+            if self.sampler == "uniform":
+                keep = seed_uniform_indices(n, coreset_ratio)
+            else:
+                keep = self._greedy_rows(collected, max(1, int(n * coreset_ratio)))
+            bank = collected.store.gather(keep)
         self.memory_bank_ = bank
-        self.image_size_ = image_size
+        self.image_size_ = collected.image_size
         self.threshold_ = nearest_other_threshold(self.memory_bank_)
         return self
+
+    @contextlib.contextmanager
+    def _collect_features(self, source, spill="auto", spill_dir=None, name="normal_images"):
+        """Extract every patch feature of a source into a MemoryFeatures or FeatureSpill (by the rule
+        of fit's docstring); with a spill and a greedy sampler the rows are also projected as they
+        arrive. Yields a _Collected(store, projection or None, image_size); the store (and its file)
+        is released when the block ends."""
+        dim = self.feature_size
+        matrix = random_projection(dim, self.projection_dim, self.seed) if self.sampler == "greedy" else None
+        collected = _Collected(None, None, None)
+        with contextlib.ExitStack() as stack:
+            bar = stack.enter_context(Progress(source.n_images, "feature extraction", self.show_progress))
+            for batch in self._batches(source, name, fitting=True):
+                rows = self._patch_features(batch).reshape(-1, dim)
+                if collected.store is None:  # the first batch tells how many rows an image gives
+                    collected.image_size = batch.shape[2:]
+                    collected.store = stack.enter_context(
+                        self._feature_store(source.n_images, rows.shape[0] // batch.shape[0], spill, spill_dir))
+                    if collected.store.spilled and matrix is not None:
+                        collected.projection = StreamingProjection(matrix, collected.store.expected_rows)
+                collected.store.append(rows)
+                if collected.projection is not None:
+                    collected.projection.add(rows)
+                bar.update(batch.shape[0])
+            yield collected
+
+    def _greedy_rows(self, collected, n_select):
+        """The greedy coreset's row indices among the collected features (greedy_coreset's rule)."""
+        threads.share_cores()
+        try:
+            if collected.projection is not None:
+                return greedy_select(collected.projection.finish(), n_select, start=0, progress=self.show_progress,
+                                     device=self.device)
+            return greedy_coreset(collected.store.array(), n_select, projection_dim=self.projection_dim, start=0,
+                                  seed=self.seed, progress=self.show_progress, device=self.device)
+        finally:
+            threads.restore_cores()
 
     def _feature_store(self, n_images, rows_per_image, spill, spill_dir):
         """MemoryFeatures or FeatureSpill for the fit's patch features, by the rule of fit's docstring."""

@@ -21,7 +21,7 @@ def _check_matrix(x, name):
     return check_finite(x, name)
 
 
-def knn(queries, bank, k=1, *, exclude_self=False, device="cpu"):
+def knn(queries, bank, k=1, *, exclude_self=False, device="cpu", squared=False):
     """The k nearest bank rows of every query row, exactly (Euclidean distance).
 
     Args:
@@ -31,6 +31,8 @@ def knn(queries, bank, k=1, *, exclude_self=False, device="cpu"):
         exclude_self: the bank is the query set itself and row i may not be its own neighbour
             (used for each bank vector's nearest *other* vector).
         device: "cpu" or "cuda" (the screening products run as tiled numba.cuda kernels).
+        squared: return the exact squared distances in float64 instead (what merging the results
+            of several banks exactly needs: two float32 distances can round to one value).
 
     Returns:
         (distances [Q, k] float32 ascending, indices [Q, k] int64). Equal distances are ordered
@@ -93,7 +95,7 @@ def knn(queries, bank, k=1, *, exclude_self=False, device="cpu"):
         rows = np.flatnonzero(needs_exact)
         if rows.size:
             table.exact_scan(block, bank, rows, k, exclude_offset, distances[q0:q1], indices[q0:q1])
-    return np.sqrt(distances).astype(np.float32), indices
+    return (distances if squared else np.sqrt(distances).astype(np.float32)), indices
 
 
 #: Bytes of rows per projection product. The rows are always copied into one block buffer of
