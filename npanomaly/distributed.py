@@ -32,6 +32,7 @@ A worker that dies is replaced and its tasks rerun by Dask (up to the scheduler'
 the model is left as it was: never a bank built from part of the data.
 """
 
+import collections
 import uuid
 
 import numpy as np
@@ -49,6 +50,9 @@ from npanomaly._validation import check_fraction, check_positive_int, pair
 from npanomaly.detector import Detector
 from npanomaly.patchcore import PatchCore, nearest_other_threshold, reweighted_scores
 from npanomaly.maps import upsample_and_blur
+
+#: Images per piece a sharded search handles at once, in batches (a piece's features wait on a worker).
+SHARDED_PIECE_BATCHES = 4
 
 __all__ = ["ShardedBank", "anomaly_map", "calibrate_threshold", "fit", "score_samples", "scores_and_maps"]
 
@@ -120,15 +124,16 @@ def _client(client):
                          "LocalCluster for one machine)") from error
 
 
-def _partitions(images, batch_size, partitions, client, size, name="images"):
+def _partitions(images, batch_size, partitions, client, size, name="images", max_images=None):
     """(list of partitions: delayed dask blocks or lists of paths, number of images, image size or None).
 
-    Cuts fall at multiples of batch_size, so each image meets the same batch mates as on one machine.
+    Cuts fall at multiples of batch_size, so each image meets the same batch mates as on one
+    machine; max_images (a multiple of batch_size) caps a partition's size.
     """
     if isinstance(images, dask.array.Array):
         if images.ndim != 4:
             raise ValueError(f"{name} must be a dask array [N, C, H, W], got shape {images.shape}")
-        chunk = images.chunks[0][0]
+        chunk = min(images.chunks[0][0], max_images or images.shape[0])
         if chunk < images.shape[0]:
             chunk = max(batch_size, (chunk // batch_size) * batch_size)
         images = images.rechunk((chunk, -1, -1, -1))
@@ -142,7 +147,7 @@ def _partitions(images, batch_size, partitions, client, size, name="images"):
             partitions = 2 * max(1, len(client.scheduler_info()["workers"]))
         partitions = check_positive_int(partitions, "partitions")
         per_part = -(-count // partitions)
-        per_part = -(-per_part // batch_size) * batch_size
+        per_part = min(-(-per_part // batch_size) * batch_size, max_images or count)
         return [list(images[i:i + per_part]) for i in range(0, count, per_part)], count, None
     raise TypeError(f"{name} must be a dask array [N, C, H, W] or a list of image file paths, "
                     f"got {type(images).__name__}")
@@ -259,9 +264,11 @@ def scores_and_maps(model, images, client=None, *, size=None, want_maps=True, ba
     if model.threshold_ is None:
         raise RuntimeError(f"{type(model).__name__} is not fitted yet: call fit() (or load a saved model) first")
     client = _client(client)
-    parts, _, _ = _partitions(images, model.batch_size, None, client, size or model.image_size_)
     if bank is not None:
+        parts, _, _ = _partitions(images, model.batch_size, None, client, size or model.image_size_,
+                                  max_images=SHARDED_PIECE_BATCHES * model.batch_size)
         return _scores_with_shards(model, parts, client, size, want_maps, bank)
+    parts, _, _ = _partitions(images, model.batch_size, None, client, size or model.image_size_)
     with _ModelOnWorkers(client, model, fitted=True) as name:
         tasks = [dask.delayed(_score_partition, pure=False)(name, part, size, want_maps) for part in parts]
         results = _gather(client, client.compute(tasks), "distributed scoring")
@@ -293,26 +300,39 @@ def _scores_with_shards(model, parts, client, size, want_maps, bank):
     if bank.shape != model.memory_bank_.shape:
         raise ValueError(f"bank has shape {bank.shape} but the model's memory bank is {model.memory_bank_.shape}")
     scores, maps = [], []
+    window = 2 * max(1, len(client.scheduler_info()["workers"]))
     with _ModelOnWorkers(client, model, fitted=True, bank=False) as name:
-        features = client.compute([dask.delayed(_partition_features, pure=False)(name, part, size)
-                                   for part in parts])
-        for future in features:
-            dist, index = bank._search_future(future, k=1)
-            n, h, w, dim = _gather(client, client.submit(np.shape, future), "distributed scoring")
-            dist = dist[:, 0].reshape(n, h * w)
-            index = index[:, 0].reshape(n, h * w)
-            worst = np.argmax(dist, axis=1)
-            if model.score == "max":
-                part_scores = dist.max(axis=1).astype(np.float64)
-            else:
-                rows = _gather(client, client.submit(_worst_rows, future, worst), "distributed scoring")
-                picked = np.arange(n)
-                part_scores = reweighted_scores(rows[:, None, :], dist[picked, worst][:, None],
-                                                index[picked, worst][:, None], bank, model.num_neighbors)
+        def extract(part):
+            return client.compute(dask.delayed(_partition_features, pure=False)(name, part, size))
+
+        pending = collections.deque(extract(part) for part in parts[:window])
+        for index in range(len(parts)):  # a window of pieces in flight: the workers never hold them all
+            future = pending.popleft()
+            if index + window < len(parts):
+                pending.append(extract(parts[index + window]))
+            part_scores, part_dist = _piece_scores(model, client, bank, future)
+            future.cancel()
             scores.append(part_scores)
             if want_maps:
-                maps.append(upsample_and_blur(dist.reshape(n, h, w), model.image_size_, model.blur_sigma))
+                maps.append(upsample_and_blur(part_dist, model.image_size_, model.blur_sigma))
     return np.concatenate(scores), (np.concatenate(maps) if want_maps else None)
+
+
+def _piece_scores(model, client, bank, features):
+    """Scores [n] and patch distances [n, h, w] of one piece whose features [n, h, w, D] stay on a
+    worker (a future): the shards search them, only distances and the worst rows travel."""
+    dist, index = bank._search_future(features, k=1)
+    n, h, w, _ = _gather(client, client.submit(np.shape, features), "distributed scoring")
+    dist = dist[:, 0].reshape(n, h * w)
+    index = index[:, 0].reshape(n, h * w)
+    if model.score == "max":
+        return dist.max(axis=1).astype(np.float64), dist.reshape(n, h, w)
+    worst = np.argmax(dist, axis=1)
+    picked = np.arange(n)
+    rows = _gather(client, client.submit(_worst_rows, features, worst), "distributed scoring")
+    scores = reweighted_scores(rows[:, None, :], dist[picked, worst][:, None], index[picked, worst][:, None], bank,
+                               model.num_neighbors)
+    return scores, dist.reshape(n, h, w)
 
 
 def _worst_rows(features, worst):

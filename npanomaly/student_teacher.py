@@ -199,7 +199,10 @@ class StudentTeacher(Detector):
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
         quantile = check_fraction(quantile, "quantile")
         source = self._source(normal_images, "normal_images", size, fitting=True)
-        held_out = None if validation is None else self._source(validation, "validation", size, fitting=True)
+        held_out = None  # validation files are resized like the training images
+        if validation is not None:
+            held_out = self._source(validation, "validation", size or source.image_size or self.image_size_,
+                                    fitting=True)
         before = self._snapshot()
         self._calibrate_teacher(source)
 
