@@ -206,6 +206,10 @@ def test_cli_fits_and_predicts_on_a_scheduler_and_agrees_with_one_machine(client
     assert cli.main(["predict", str(out), *paths[:5], "--json"]) == 0
     local = [row["score"] for row in json.loads(capsys.readouterr().out)]
     assert spread == local
+    assert cli.main(["eval", str(out), root, "--scheduler", address]) == 0
+    spread_table = capsys.readouterr().out.splitlines()[:-1]  # the last line has images/s
+    assert cli.main(["eval", str(out), root]) == 0
+    assert spread_table == capsys.readouterr().out.splitlines()[:-1]
     assert cli.main(["fit", root, "--model", "student-teacher", "--size", str(SIZE), "--out", str(tmp_path / "s.npz"),
                      "--quiet", "--scheduler", address]) == 1
     assert "must be a PatchCore" in capsys.readouterr().err
