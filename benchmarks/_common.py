@@ -16,6 +16,16 @@ IMPORT_ORDERS = ("natural", "npanomaly-first")
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
 
 
+def benchmark_parser(doc):
+    """An argument parser described by the script's docstring, with --threads and --import-order."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    add_import_order(parser)
+    return parser
+
+
 def add_import_order(parser):
     """--import-order: "natural" (the default) imports NumPy and torch before npanomaly, as a
     user's script or notebook does; "npanomaly-first" imports npanomaly before both."""

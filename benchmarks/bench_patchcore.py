@@ -25,13 +25,11 @@ import subprocess
 import sys
 import time
 
-from _common import add_import_order, median_time, median_times, use_threads
+from _common import benchmark_parser, median_time, median_times, use_threads
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    add_import_order(parser)
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--coreset-steps", type=int, default=1000)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")

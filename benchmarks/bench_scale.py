@@ -27,22 +27,20 @@ import sys
 import tempfile
 import time
 
-from _common import add_import_order, use_threads
+from _common import benchmark_parser, use_threads
 
 IMAGE_SIZE = {"seed": 64, "efficientnet_lite0": 128}
 STORED_SIZE = 128
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--sizes", type=int, nargs="+", default=[500, 2000, 8000])
     parser.add_argument("--backbones", nargs="+", default=["seed", "efficientnet_lite0"], choices=sorted(IMAGE_SIZE))
     parser.add_argument("--data", help="folder for the generated images (kept); default: a temporary one")
     parser.add_argument("--in-memory-up-to", type=int, default=2000,
                         help="also fit with spill=False up to this many images (default %(default)s)")
     parser.add_argument("--coreset-ratio", type=float, default=0.01)
-    parser.add_argument("--threads", type=int, default=2)
-    add_import_order(parser)
     parser.add_argument("--child", nargs=4, metavar=("BACKBONE", "N", "FOLDER", "SPILL"), help=argparse.SUPPRESS)
     return parser.parse_args()
 
