@@ -46,6 +46,7 @@ except ImportError as error:  # pragma: no cover - the message is the point
                       "(installs dask[distributed])") from error
 
 from npanomaly import search
+from npanomaly._progress import Progress
 from npanomaly._validation import check_fraction, check_positive_int, pair
 from npanomaly.detector import Detector
 from npanomaly.patchcore import PatchCore, nearest_other_threshold, reweighted_scores
@@ -153,9 +154,14 @@ def _partitions(images, batch_size, partitions, client, size, name="images", max
                     f"got {type(images).__name__}")
 
 
-def _gather(client, futures, what):
-    """client.gather in order; a worker lost more often than Dask allows becomes one RuntimeError."""
+def _gather(client, futures, what, progress=False):
+    """client.gather in order, with a progress bar over finished tasks when asked; a worker lost
+    more often than Dask allows becomes one RuntimeError."""
     try:
+        if progress:
+            with Progress(len(futures), what, True) as bar:
+                for _ in distributed.as_completed(futures):
+                    bar.update()
         return client.gather(futures)
     except distributed.scheduler.KilledWorker as error:
         client.cancel(futures)
@@ -227,7 +233,7 @@ def fit(model, images, client=None, *, size=None, coreset_ratio=0.1, local_ratio
     with _ModelOnWorkers(client, model, fitted=False) as name:
         tasks = [dask.delayed(_local_coreset, pure=False)(name, part, size, total_select, local_ratio, spill_dir)
                  for part in parts]
-        local = _gather(client, client.compute(tasks), "distributed.fit")
+        local = _gather(client, client.compute(tasks), "local coresets", model.show_progress)
     union = np.concatenate([rows for rows, _, _ in local])
     keep = search.greedy_coreset(union, min(total_select, union.shape[0]), projection_dim=model.projection_dim,
                                  seed=model.seed, progress=model.show_progress, device=model.device)
@@ -271,7 +277,7 @@ def scores_and_maps(model, images, client=None, *, size=None, want_maps=True, ba
     parts, _, _ = _partitions(images, model.batch_size, None, client, size or model.image_size_)
     with _ModelOnWorkers(client, model, fitted=True) as name:
         tasks = [dask.delayed(_score_partition, pure=False)(name, part, size, want_maps) for part in parts]
-        results = _gather(client, client.compute(tasks), "distributed scoring")
+        results = _gather(client, client.compute(tasks), "distributed scoring", model.show_progress)
     scores = np.concatenate([s for s, _ in results])
     return scores, (np.concatenate([m for _, m in results]) if want_maps else None)
 

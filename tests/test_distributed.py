@@ -67,11 +67,14 @@ def test_fit_keeps_the_composable_coreset_bound_against_one_machine(client, text
     assert search.knn(spread.memory_bank_, rows, k=1)[0].max() == 0.0
 
 
-def test_one_partition_keeps_the_single_machine_bank(client, textures):
+def test_one_partition_keeps_the_single_machine_bank(client, textures, capsys):
     _, images = textures
     single = npanomaly.PatchCore(batch_size=4).fit(images, 0.1)
     whole = da.from_array(images, chunks=(len(images), 3, SIZE, SIZE))
-    spread = nd.fit(npanomaly.PatchCore(batch_size=4), whole, client, coreset_ratio=0.1)
+    model = npanomaly.PatchCore(batch_size=4)
+    model.show_progress = True
+    spread = nd.fit(model, whole, client, coreset_ratio=0.1)
+    assert "local coresets" in capsys.readouterr().err
     def sorted_rows(bank):
         return bank[np.lexsort(bank.T)]
 
@@ -165,7 +168,7 @@ def test_a_fit_dask_gives_up_on_fails_with_one_error_and_keeps_no_bank(textures)
         with cluster, distributed.Client(cluster) as client:
             killer = _kill_a_worker_soon(client, 1.0)
             model = npanomaly.PatchCore(batch_size=4)
-            with pytest.raises(RuntimeError, match="a worker died .* nothing was kept"):
+            with pytest.raises(RuntimeError, match="local coresets failed: a worker died .* nothing was kept"):
                 nd.fit(model, _slow_array(images, 8, 3.0), client, coreset_ratio=0.1)
             killer.join()
             assert model.memory_bank_ is None and model.threshold_ is None
