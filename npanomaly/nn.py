@@ -26,7 +26,7 @@ from npanomaly._validation import (
     pair,
 )
 
-__all__ = ["AvgPool2d", "BatchNorm2d", "Conv2d", "MaxPool2d", "Module", "Parameter", "ReLU", "Sequential"]
+__all__ = ["AvgPool2d", "BatchNorm2d", "Conv2d", "MaxPool2d", "Module", "Parameter", "ReLU", "Sequential", "set_conv_algorithm"]
 
 
 def _generator(seed):
@@ -253,6 +253,12 @@ class Module:
         return ""
 
 
+#: Conv2d(algorithm="auto") runs Winograd from this many input and output channels and this many
+#: 4x4 output tiles per call (a 28 x 28 output of 8 images has 392); measured in docs/speed.md.
+WINOGRAD_MIN_CHANNELS = 16
+WINOGRAD_MIN_TILES = 64
+
+
 class Conv2d(Module):
     """2-D convolution, as torch.nn.Conv2d (dilation 1, zero padding).
 
@@ -266,7 +272,7 @@ class Conv2d(Module):
     _parameter_names = ("weight", "bias")
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
-                 dtype=np.float32, seed=None, groups=1):
+                 dtype=np.float32, seed=None, groups=1, algorithm="auto"):
         super().__init__()
         self.in_channels = check_positive_int(in_channels, "in_channels")
         self.out_channels = check_positive_int(out_channels, "out_channels")
@@ -292,6 +298,27 @@ class Conv2d(Module):
         shape = (self.out_channels, self.in_channels // self.groups) + self.kernel_size
         self.weight = Parameter(rng.uniform(-bound, bound, size=shape).astype(dtype))
         self.bias = Parameter(rng.uniform(-bound, bound, size=self.out_channels).astype(dtype)) if bias else None
+        self.algorithm = algorithm
+        self._winograd_filters = None  # (the weight they came from, U), reused in evaluation mode
+
+    @property
+    def algorithm(self):
+        """How a dense 3x3 stride-1 convolution is computed: "auto" (the measured rule of
+        _uses_winograd), "im2col" (one product per image over unfolded columns: the same sums as
+        other frameworks, for exact cross-checks) or "winograd" (F(4x4, 3x3), kernels/winograd.py;
+        4x fewer multiplications, float32 error a few times im2col's). Other convolutions always use
+        im2col (or the depthwise kernels), and so does device="cuda"."""
+        return self._algorithm
+
+    @algorithm.setter
+    def algorithm(self, value):
+        if value not in ("auto", "im2col", "winograd"):
+            raise ValueError(f"algorithm must be 'auto', 'im2col' or 'winograd', got {value!r}")
+        if value == "winograd" and not self._winograd_shape():
+            raise ValueError(f"algorithm='winograd' needs a dense 3x3 stride-1 convolution with padding <= 2, got "
+                             f"kernel_size={self.kernel_size}, stride={self._stride}, padding={self.padding}, "
+                             f"groups={self.groups}")
+        self._algorithm = value
 
     def _check_input(self, x):
         x = check_batch(x, "x", self.in_channels, self.weight.data.dtype)
@@ -341,8 +368,43 @@ class Conv2d(Module):
         """Whether _forward can fuse a ReLU (the dense and depthwise kernels can; grouped ones are concatenated)."""
         return self.groups == 1 or self._depthwise()
 
+    def _winograd_shape(self):
+        return (self.kernel_size == (3, 3) and self._stride == (1, 1) and self.groups == 1
+                and (self._same or max(self._padding) <= 2))
+
+    def _uses_winograd(self, x, pads):
+        """Whether this call runs Winograd: always with algorithm="winograd", never with "im2col",
+        and with "auto" when the layer is a dense 3x3 stride-1 convolution with at least
+        WINOGRAD_MIN_CHANNELS input and output channels and the call has at least
+        WINOGRAD_MIN_TILES 4x4 output tiles: below those the products are too narrow for BLAS and
+        im2col is faster (measured in docs/speed.md)."""
+        if self._algorithm == "im2col" or not hasattr(self.kernels, "winograd_conv2d_forward"):
+            return False
+        if self._algorithm == "winograd":
+            return True
+        if not self._winograd_shape() or max(pads) > 2:
+            return False
+        out_h, out_w = (n + 2 * p - 2 for n, p in zip(x.shape[2:], pads))
+        tiles = x.shape[0] * -(-out_h // 4) * -(-out_w // 4)
+        return (min(self.in_channels, self.out_channels) >= WINOGRAD_MIN_CHANNELS
+                and tiles >= WINOGRAD_MIN_TILES)
+
+    def _winograd_filters_for(self, weight):
+        """U for weight, kept between calls in evaluation mode: a frozen backbone transforms its
+        filters once per weight version (a batch norm folded into them makes a new array each call,
+        so the cache compares values, not identity); in training they change every step."""
+        if self.training:
+            return None
+        cached = self._winograd_filters
+        if cached is None or cached[0].dtype != weight.dtype or not np.array_equal(cached[0], weight):
+            cached = self._winograd_filters = (weight.copy(), self.kernels.winograd_filters(weight))
+        return cached[1]
+
     def _convolve(self, x, weight, bias, pads, lower, upper):
         if self.groups == 1:
+            if self._uses_winograd(x, pads):
+                return self.kernels.winograd_conv2d_forward(x, weight, bias, *pads, 4, lower, upper,
+                                                            self._winograd_filters_for(weight))
             return self.kernels.conv2d_forward(x, weight, bias, *self._stride, *pads, lower, upper)
         if self._depthwise():
             zeros = np.zeros(self.out_channels, x.dtype) if bias is None else bias
@@ -372,7 +434,9 @@ class Conv2d(Module):
         if not input_grad:
             return None
         height, width = x.shape[2:]
-        if self.groups == 1:
+        if self.groups == 1 and self._uses_winograd(x, pads):
+            grad_x = self.kernels.winograd_conv2d_backward_input(grad_out, self.weight.data, *pads)
+        elif self.groups == 1:
             grad_x = self.kernels.conv2d_backward_input(grad_out, self.weight.data, height, width, *stride, *pads)
         elif self._depthwise():
             grad_x = self.kernels.depthwise_conv2d_backward_input(grad_out, self.weight.data, height, width, *stride, *pads)
@@ -388,7 +452,18 @@ class Conv2d(Module):
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self._stride}, "
                 f"padding={'same' if self._same else self._padding}, groups={self.groups}, "
-                f"bias={self.bias is not None}")
+                f"bias={self.bias is not None}{'' if self._algorithm == 'auto' else f', algorithm={self._algorithm!r}'}")
+
+
+def set_conv_algorithm(module, algorithm):
+    """Set Conv2d.algorithm on every convolution in module (recursively) that can take it:
+    "im2col" everywhere (exact cross-checks against other frameworks), "winograd" on the dense
+    3x3 stride-1 ones, "auto" everywhere. Returns module."""
+    for _, child in module.named_children():
+        set_conv_algorithm(child, algorithm)
+    if isinstance(module, Conv2d) and (algorithm != "winograd" or module._winograd_shape()):
+        module.algorithm = algorithm
+    return module
 
 
 class BatchNorm2d(Module):

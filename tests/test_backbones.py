@@ -86,8 +86,9 @@ def torch_features(twin, images, prepare):
         return {k: v.numpy() for k, v in twin(torch.from_numpy(prepare(images))).items()}
 
 
+@pytest.mark.parametrize("algorithm", ["im2col", "winograd"])
 @pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet18", "resnet50", "wide_resnet50_2"])
-def test_architecture_matches_torch_with_saved_random_weights(name, tmp_path):
+def test_architecture_matches_torch_with_saved_random_weights(name, algorithm, tmp_path):
     pytest.importorskip("torch")
     import torch
     import torch_backbones as tb
@@ -101,7 +102,7 @@ def test_architecture_matches_torch_with_saved_random_weights(name, tmp_path):
     path = tmp_path / "weights.pth"
     torch.save(twin.state_dict(), path)
     ours = backbones.build(name, str(path))
-    ours.net.eval()
+    nn.set_conv_algorithm(ours.net.eval(), algorithm)  # every 3x3 stride-1 convolution, for "winograd"
     images = np.random.default_rng(2).random((2, 3, 45, 61)).astype(np.float32)  # odd, non-square
     expected = torch_features(twin, images, ours.prepare)
     for stage, got in zip(stages, ours.features(images, stages)):

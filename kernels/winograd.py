@@ -1,0 +1,274 @@
+"""3x3 stride-1 convolution by Winograd's minimal filtering (Lavin & Gray, CVPR 2016).
+
+**The idea, in one dimension.** F(m, r) computes m outputs of an r-tap correlation,
+y[i] = sum_j g[j] d[i + j] (i < m, j < r), from alpha = m + r - 1 inputs with alpha
+multiplications instead of m * r:
+
+    y = A^T [ (G g) * (B^T d) ]        (* elementwise; A^T is m x alpha, G alpha x r, B^T alpha x alpha)
+
+**Where the matrices come from (Toom-Cook).** Read g and h as polynomials g(x) = sum g_j x^j and
+h(x) = sum h_i x^i (degrees r - 1 and m - 1). Their product s = g h has alpha coefficients, and a
+polynomial of degree alpha - 1 is fixed by its values at alpha points: alpha - 1 finite points
+p_k and the point at infinity (whose "value" is the leading coefficient). So
+
+    s = V_alpha^{-1} [ (V_r g) * (V_m h) ]
+
+where V_n is the alpha x n Vandermonde matrix of the points (row k = [1, p_k, p_k^2, ...], the
+infinity row = [0, ..., 0, 1]). That is linear convolution: the matrix taking h to s is
+C_g = V_alpha^{-1} diag(V_r g) V_m. Correlation is its transpose (y_i = sum_k C_g[k, i] d_k =
+sum_j g_j d_{i+j}), so
+
+    y = V_m^T [ (V_r g) * (V_alpha^{-T} d) ]:   A^T = V_m^T,  G = V_r,  B^T = V_alpha^{-T}.
+
+Any diagonal scaling S may move between G and B^T (y = A^T[(S^{-1} G g) * (S B^T d)]). Row k of
+V_alpha^{-T} holds the coefficients of the Lagrange polynomial prod_{l != k} (x - p_l) / N_k with
+N_k = prod_{l != k} (p_k - p_l) (the infinity row: prod_l (x - p_l)), so S = diag(N_k) leaves B^T
+with the small integers of those products and G with the 1/N_k. With the points 0, 1, -1 this is
+F(2, 3) and with 0, 1, -1, 2, -2 it is F(4, 3), Lavin & Gray's matrices up to the signs of rows.
+``transform_matrices(m)`` builds them this way; tests/test_winograd.py checks them against a
+direct correlation.
+
+**Two dimensions.** Nesting the 1-D algorithm in rows and columns, an m x m output tile comes from
+an alpha x alpha input tile d and the 3 x 3 filter g as
+
+    Y = A^T [ (G g G^T) * (B^T d B) ] A,
+
+alpha^2 multiplications per tile and channel pair instead of 9 m^2: 16 instead of 36 for m = 2
+(2.25x fewer), 36 instead of 144 for m = 4 (4x fewer). Summed over input channels c, the
+elementwise products become, for each of the alpha^2 transform points xi, one matrix product
+
+    M[xi] = U[xi] @ V[xi],   U[xi] [O, C] the transformed filters, V[xi] [C, tiles] the transformed
+    inputs, M[xi] [O, tiles],
+
+which goes to NumPy's BLAS (one call per point). The three transforms are the Numba kernels below.
+Larger m means fewer products but larger transform coefficients (up to 8 and 1/24 for m = 4): the
+float32 error grows with m (measured in docs/speed.md).
+
+**Gradients.** The input gradient of a 3 x 3 stride-1 convolution with padding p is the same
+convolution of dL/dy with the filters flipped in both axes and transposed (in and out channels
+swapped), padding 2 - p: each input pixel collects w[o, c, i, j] dL/dy[o, h - i + p, w - j + p].
+The weight gradient stays the im2col product (kernels/conv.py).
+
+Shapes: x [N, C, H, W], weight [O, C, 3, 3], tiles T = ceil(Ho / m) * ceil(Wo / m) per image.
+"""
+
+import numpy as np
+from numba import njit, prange
+
+from . import memory
+from ._config import IM2COL_BUDGET_BYTES, PARALLEL_JIT_OPTIONS
+from .activation import clamp
+from .conv import conv2d_output_size
+
+#: The finite interpolation points of F(m, 3): m + 1 of them (alpha = m + 2 with infinity).
+POINTS = {2: (0.0, 1.0, -1.0), 4: (0.0, 1.0, -1.0, 2.0, -2.0)}
+
+
+def transform_matrices(m, r=3):
+    """(A^T [m, alpha], G [alpha, r], B^T [alpha, alpha]) of F(m, r) in float64, by the Toom-Cook
+    construction of the module docstring (points POINTS[m] and infinity, scaled by N_k)."""
+    points = np.array(POINTS[m])
+    alpha = m + r - 1
+
+    def vandermonde(columns):
+        v = np.zeros((alpha, columns))
+        v[:-1] = points[:, None] ** np.arange(columns)[None, :]
+        v[-1, -1] = 1.0  # the point at infinity: the leading coefficient
+        return v
+
+    scale = np.ones(alpha)
+    for k, p in enumerate(points):
+        scale[k] = np.prod([p - q for q in np.delete(points, k)])
+    a_t = vandermonde(m).T
+    g = vandermonde(r) / scale[:, None]
+    b_t = scale[:, None] * np.linalg.inv(vandermonde(alpha)).T
+    return a_t, g + 0.0, np.round(b_t) + 0.0  # integers; rounding removes the inverse's error, + 0.0 the -0.0s
+
+
+@njit(**PARALLEL_JIT_OPTIONS)
+def filter_transform(weight_chwo, g, u):
+    """U[xi, c, o] = (G w[o, c] G^T)[xi // alpha, xi % alpha]: the transformed filters.
+
+    Shapes: weight_chwo [C, 3, 3, O] (the filters with the output channel last, so that the inner
+    loops run along it), g [alpha, 3] -> u [alpha^2, C, O] (written in place).
+    Parallel: over input channels.
+    """
+    channels, _, _, out_channels = weight_chwo.shape
+    alpha = g.shape[0]
+    for c in prange(channels):
+        left = np.empty((alpha, 3, out_channels), dtype=u.dtype)
+        for a in range(alpha):  # left = G w
+            for j in range(3):
+                row = left[a, j]
+                row[:] = 0.0
+                for i in range(3):
+                    coefficient = g[a, i]
+                    if coefficient != 0.0:
+                        for o in range(out_channels):
+                            row[o] += coefficient * weight_chwo[c, i, j, o]
+        for a in range(alpha):  # (G w) G^T
+            for b in range(alpha):
+                out = u[a * alpha + b, c]
+                out[:] = 0.0
+                for j in range(3):
+                    coefficient = g[b, j]
+                    if coefficient != 0.0:
+                        for o in range(out_channels):
+                            out[o] += coefficient * left[a, j, o]
+
+
+@njit(**PARALLEL_JIT_OPTIONS)
+def input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, v):
+    """V[xi, n*T + t, c] = (B^T d B)[xi // alpha, xi % alpha] for channel c of the alpha x alpha
+    input tile d of tile t = th*tiles_w + tw, whose top-left pixel is (th*m - pad_h, tw*m - pad_w);
+    zeros outside the image.
+
+    Shapes: x_nhwc [N, H, W, C] (channels last: every inner loop runs along the channels, which
+    are contiguous, and vectorises), b_t [alpha, alpha] -> v [alpha^2, N*T, C] (written in place).
+    Zero coefficients of B^T (16 of 36 for m = 4) are skipped outside the inner loops, and so are
+    the rows and columns of a tile that fall in the padding.
+    Parallel: over tiles; each writes only its own row of every V[xi].
+    """
+    batch, height, width, channels = x_nhwc.shape
+    alpha = b_t.shape[0]
+    tiles = tiles_h * tiles_w
+    for job in prange(batch * tiles):
+        n = job // tiles
+        th = (job % tiles) // tiles_w
+        tw = job % tiles_w
+        left = np.empty((alpha, alpha, channels), dtype=v.dtype)
+        for a in range(alpha):  # left = B^T d
+            for j in range(alpha):
+                acc = left[a, j]
+                acc[:] = 0.0
+                w = tw * m - pad_w + j
+                if w < 0 or w >= width:
+                    continue
+                for i in range(alpha):
+                    h = th * m - pad_h + i
+                    coefficient = b_t[a, i]
+                    if coefficient != 0.0 and 0 <= h < height:
+                        pixel = x_nhwc[n, h, w]
+                        for c in range(channels):
+                            acc[c] += coefficient * pixel[c]
+        for a in range(alpha):  # (B^T d) B
+            for b in range(alpha):
+                out = v[a * alpha + b, job]
+                out[:] = 0.0
+                for j in range(alpha):
+                    coefficient = b_t[b, j]
+                    if coefficient != 0.0:
+                        for c in range(channels):
+                            out[c] += coefficient * left[a, j, c]
+
+
+@njit(**PARALLEL_JIT_OPTIONS)
+def output_transform(mm, a_t, tiles_h, tiles_w, bias, lower, upper, y_nhwc):
+    """y[n, th*m + i, tw*m + j, o] = clamp((A^T M A)[i, j] + bias[o]) for the points M[:, n*T + t, o]
+    of each tile, dropping the positions of the last tiles that fall outside the output.
+
+    Shapes: mm [alpha^2, N*T, O], a_t [m, alpha], bias [O] -> y_nhwc [N, Ho, Wo, O] (written in
+    place; channels last, the inner loops along them). Math: clamp as add_channel_bias:
+    (lower, upper) = (0, inf) is a fused ReLU.
+    Parallel: over tiles.
+    """
+    batch, out_h, out_w, out_channels = y_nhwc.shape
+    m, alpha = a_t.shape
+    tiles = tiles_h * tiles_w
+    for job in prange(batch * tiles):
+        n = job // tiles
+        th = (job % tiles) // tiles_w
+        tw = job % tiles_w
+        left = np.empty((m, alpha, out_channels), dtype=mm.dtype)
+        for i in range(m):  # left = A^T M
+            for b in range(alpha):
+                acc = left[i, b]
+                acc[:] = 0.0
+                for a in range(alpha):
+                    coefficient = a_t[i, a]
+                    if coefficient != 0.0:
+                        points = mm[a * alpha + b, job]
+                        for o in range(out_channels):
+                            acc[o] += coefficient * points[o]
+        for i in range(min(m, out_h - th * m)):  # (A^T M) A, inside the output only
+            for j in range(min(m, out_w - tw * m)):
+                out = y_nhwc[n, th * m + i, tw * m + j]
+                out[:] = bias
+                for b in range(alpha):
+                    coefficient = a_t[j, b]
+                    if coefficient != 0.0:
+                        for o in range(out_channels):
+                            out[o] += coefficient * left[i, b, o]
+                for o in range(out_channels):
+                    out[o] = clamp(out[o], lower, upper)
+
+
+_MATRICES = {}
+
+
+def _matrices(m, dtype):
+    key = (m, np.dtype(dtype))
+    if key not in _MATRICES:
+        a_t, g, b_t = transform_matrices(m)
+        _MATRICES[key] = (a_t.astype(dtype), g, b_t.astype(dtype))
+    return _MATRICES[key]
+
+
+def winograd_filters(weight, m=4):
+    """The transformed filters U [alpha^2, C, O] of weight [O, C, 3, 3] for F(m x m, 3 x 3)."""
+    out_channels, channels = weight.shape[:2]
+    _, g, _ = _matrices(m, weight.dtype)
+    u = np.empty(((m + 2) ** 2, channels, out_channels), weight.dtype)
+    filter_transform(np.ascontiguousarray(weight.transpose(1, 2, 3, 0)), g, u)
+    return u
+
+
+def winograd_conv2d_forward(x, weight, bias, pad_h, pad_w, m=4, lower=-np.inf, upper=np.inf, filters=None):
+    """A 3x3 stride-1 convolution (as conv2d_forward) by Winograd's F(m x m, 3 x 3), m = 2 or 4.
+
+    Shapes: x [N, C, H, W], weight [O, C, 3, 3], bias [O] or None -> y [N, O, Ho, Wo],
+    Ho = H + 2 pad_h - 2. Steps: the filter transform U (winograd_filters; pass ``filters`` to reuse
+    one, as a frozen layer does), then per chunk of images the input transform V (on a channels-last
+    copy of x), the alpha^2 products M[xi] = V[xi] @ U[xi] through BLAS, and the output transform,
+    which adds the bias and a fused ReLU, into a channels-last output copied back to [N, O, Ho, Wo].
+    The chunks keep V and M under IM2COL_BUDGET_BYTES together.
+    """
+    batch, channels, height, width = x.shape
+    out_channels = weight.shape[0]
+    out_h = conv2d_output_size(height, 3, 1, pad_h)
+    out_w = conv2d_output_size(width, 3, 1, pad_w)
+    a_t, _, b_t = _matrices(m, x.dtype)
+    alpha = m + 2
+    u = winograd_filters(weight, m) if filters is None else filters
+    tiles_h, tiles_w = -(-out_h // m), -(-out_w // m)
+    tiles = tiles_h * tiles_w
+    per_image = alpha * alpha * tiles * (channels + out_channels) * x.itemsize
+    step = max(1, min(batch, IM2COL_BUDGET_BYTES // per_image))
+    v = memory.empty((alpha * alpha, step * tiles, channels), x.dtype)
+    mm = memory.empty((alpha * alpha, step * tiles, out_channels), x.dtype)
+    x_nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    y_nhwc = memory.empty((batch, out_h, out_w, out_channels), x.dtype)
+    zeros = np.zeros(out_channels, x.dtype) if bias is None else bias
+    for start in range(0, batch, step):
+        stop = min(batch, start + step)
+        rows = (stop - start) * tiles
+        v_part, m_part = v[:, :rows], mm[:, :rows]
+        input_transform(x_nhwc[start:stop], b_t, m, pad_h, pad_w, tiles_h, tiles_w, v_part)
+        np.matmul(v_part, u, out=m_part)
+        output_transform(m_part, a_t, tiles_h, tiles_w, zeros, lower, upper, y_nhwc[start:stop])
+    y = memory.empty((batch, out_channels, out_h, out_w), x.dtype)
+    y[...] = y_nhwc.transpose(0, 3, 1, 2)
+    return y
+
+
+def winograd_conv2d_backward_input(grad_out, weight, pad_h, pad_w, m=4):
+    """Gradient of a 3x3 stride-1 convolution with respect to its input, by Winograd.
+
+    Shapes: grad_out [N, O, Ho, Wo], weight [O, C, 3, 3] -> grad_x [N, C, Ho + 2 - 2 pad_h, ...].
+    Gradient: dL/dx[n, c, h, w] = sum_{o, i, j} weight[o, c, i, j] dL/dy[n, o, h + pad_h - i, w + pad_w - j]:
+              the forward convolution of dL/dy with weight[:, :, ::-1, ::-1] transposed to [C, O, 3, 3]
+              and padding 2 - pad (needs pad <= 2).
+    """
+    flipped = np.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+    return winograd_conv2d_forward(grad_out, flipped, None, 2 - pad_h, 2 - pad_w, m)
+

@@ -1,0 +1,188 @@
+"""Winograd's 3x3 convolution (kernels/winograd.py) against the plain-NumPy reference, torch, and
+finite differences; and Conv2d's choice between it and im2col."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import reference
+from npanomaly import kernels, nn
+from npanomaly.kernels import winograd
+
+# The float32 error of each tile size, measured against a float64 convolution on the
+# wide_resnet50_2 3x3 shapes (128 channels at 56 x 56, 256 at 28, 512 at 14; post-ReLU inputs,
+# Kaiming weights): the largest |error| / max |y| was 1.0e-5 for F(4x4), 6.5e-7 for F(2x2) and
+# 4.6e-7 for im2col (docs/speed.md). The tolerances are four times those.
+FLOAT32_TOLERANCE = {4: 4e-5, 2: 3e-6}
+
+
+def test_the_transforms_are_lavin_and_grays_and_compute_a_correlation():
+    a_t, g, b_t = winograd.transform_matrices(4)
+    # F(4, 3) as printed by Lavin & Gray (2016), up to the sign of a row (moved between G and B^T)
+    lavin_b_t = np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+                          [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]])
+    np.testing.assert_array_equal(np.abs(b_t), np.abs(lavin_b_t))
+    rng = np.random.default_rng(0)
+    for m in (2, 4):
+        a_t, g, b_t = winograd.transform_matrices(m)
+        for _ in range(5):
+            taps, d = rng.standard_normal(3), rng.standard_normal(m + 2)
+            direct = np.array([np.dot(taps, d[i:i + 3]) for i in range(m)])
+            np.testing.assert_allclose(a_t @ ((g @ taps) * (b_t @ d)), direct, rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(batch=st.integers(1, 3), channels=st.integers(1, 5), out_channels=st.integers(1, 5),
+       height=st.integers(1, 11), width=st.integers(1, 11), pad=st.integers(0, 2), m=st.sampled_from([2, 4]),
+       bias=st.booleans(), relu=st.booleans())
+def test_forward_matches_the_reference_in_float64(batch, channels, out_channels, height, width, pad, m, bias, relu):
+    if height + 2 * pad < 3 or width + 2 * pad < 3:
+        return
+    rng = np.random.default_rng(batch * 1000 + channels * 100 + height * 10 + width)
+    x = rng.standard_normal((batch, channels, height, width))
+    weight = rng.standard_normal((out_channels, channels, 3, 3))
+    b = rng.standard_normal(out_channels) if bias else None
+    expected = reference.conv2d(x, weight, b, (1, 1), (pad, pad))
+    if relu:
+        expected = np.maximum(expected, 0.0)
+    got = winograd.winograd_conv2d_forward(x, weight, b, pad, pad, m, 0.0 if relu else -np.inf)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10 * max(1.0, np.abs(expected).max()))
+
+
+@pytest.mark.parametrize("m", [2, 4])
+@pytest.mark.parametrize("shape,pad", [((2, 16, 13, 9), 1), ((1, 1, 5, 5), 0), ((3, 8, 2, 7), 2), ((2, 32, 30, 30), 1)])
+def test_float32_error_stays_within_the_measured_bound(m, shape, pad):
+    rng = np.random.default_rng(sum(shape) + m)
+    x = np.maximum(rng.standard_normal(shape), 0.0)
+    weight = rng.standard_normal((12, shape[1], 3, 3)) * np.sqrt(2 / (9 * shape[1]))
+    expected = reference.conv2d(x, weight, None, (1, 1), (pad, pad))
+    got = winograd.winograd_conv2d_forward(x.astype(np.float32), weight.astype(np.float32), None, pad, pad, m)
+    assert got.dtype == np.float32
+    assert np.abs(got - expected).max() <= FLOAT32_TOLERANCE[m] * np.abs(expected).max()
+
+
+def test_forward_matches_torch():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    x = rng.random((2, 24, 17, 22), dtype=np.float32)
+    weight = (rng.standard_normal((20, 24, 3, 3)) * 0.1).astype(np.float32)
+    bias = rng.standard_normal(20).astype(np.float32)
+    with torch.no_grad():
+        expected = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(weight), torch.from_numpy(bias),
+                                              padding=1).numpy()
+    for m in (2, 4):
+        got = winograd.winograd_conv2d_forward(x, weight, bias, 1, 1, m)
+        assert np.abs(got - expected).max() <= FLOAT32_TOLERANCE[m] * np.abs(expected).max() * 2  # two float32 sides
+
+
+@settings(max_examples=30, deadline=None)
+@given(batch=st.integers(1, 2), channels=st.integers(1, 4), out_channels=st.integers(1, 4),
+       height=st.integers(1, 9), width=st.integers(1, 9), pad=st.integers(0, 2), m=st.sampled_from([2, 4]))
+def test_input_gradient_matches_the_reference(batch, channels, out_channels, height, width, pad, m):
+    if height + 2 * pad < 3 or width + 2 * pad < 3:
+        return
+    rng = np.random.default_rng(height * 31 + width)
+    x = rng.standard_normal((batch, channels, height, width))
+    weight = rng.standard_normal((out_channels, channels, 3, 3))
+    grad_out = rng.standard_normal((batch, out_channels, height + 2 * pad - 2, width + 2 * pad - 2))
+    expected = reference.conv2d_grads(x, weight, grad_out, (1, 1), (pad, pad))[0]
+    got = winograd.winograd_conv2d_backward_input(grad_out, weight, pad, pad, m)
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10 * max(1.0, np.abs(expected).max()))
+
+
+def numeric_gradient(loss, array, eps=1e-6):
+    grad = np.zeros_like(array)
+    for index in np.ndindex(array.shape):
+        keep = array[index]
+        array[index] = keep + eps
+        up = loss()
+        array[index] = keep - eps
+        down = loss()
+        array[index] = keep
+        grad[index] = (up - down) / (2 * eps)
+    return grad
+
+
+@pytest.mark.parametrize("padding", [0, 1, 2])
+def test_winograd_conv2d_gradients_by_finite_differences(padding):
+    conv = nn.Conv2d(3, 4, 3, padding=padding, seed=1, algorithm="winograd").to(np.float64)
+    x = np.random.default_rng(2).standard_normal((2, 3, 6, 5))
+    upstream = np.random.default_rng(3).standard_normal(conv(x).shape)
+
+    def loss():
+        return float(np.sum(conv(x) * upstream))
+
+    conv.train()
+    conv(x)
+    grad_x = conv.backward(upstream)
+    np.testing.assert_allclose(grad_x, numeric_gradient(loss, x), rtol=1e-6, atol=1e-8)
+    for param in conv.parameters():
+        np.testing.assert_allclose(param.grad, numeric_gradient(loss, param.data), rtol=1e-6, atol=1e-8)
+
+
+def test_conv2d_auto_chooses_winograd_for_wide_calls_only(monkeypatch):
+    calls = []
+    original = kernels.winograd_conv2d_forward
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "winograd_conv2d_forward", spy)
+    wide = nn.Conv2d(32, 32, 3, padding=1, seed=0).eval()
+    wide(np.zeros((4, 32, 32, 32), np.float32))  # 4 x 8 x 8 tiles, 32 channels
+    wide(np.zeros((1, 32, 8, 8), np.float32))    # 4 tiles: im2col
+    nn.Conv2d(3, 32, 3, padding=1, seed=0)(np.zeros((4, 3, 32, 32), np.float32))  # 3 input channels: im2col
+    nn.Conv2d(32, 32, 3, stride=2, padding=1, seed=0)(np.zeros((4, 32, 32, 32), np.float32))  # stride 2
+    assert calls == [(4, 32, 32, 32)]
+    with pytest.raises(ValueError, match="needs a dense 3x3 stride-1 convolution"):
+        nn.Conv2d(8, 8, 1, algorithm="winograd")
+    with pytest.raises(ValueError, match="algorithm must be"):
+        nn.Conv2d(8, 8, 3, algorithm="fft")
+
+
+def test_frozen_layers_transform_their_filters_once_per_weight_version(monkeypatch):
+    transforms = []
+    original = kernels.winograd_filters
+    monkeypatch.setattr(kernels, "winograd_filters", lambda weight, *a: transforms.append(1) or original(weight, *a))
+    conv = nn.Conv2d(16, 16, 3, padding=1, seed=0, algorithm="winograd").eval()
+    x = np.random.default_rng(0).random((2, 16, 12, 12), dtype=np.float32)
+    first = conv(x)
+    np.testing.assert_array_equal(conv(x), first)
+    assert len(transforms) == 1
+    conv.weight.data = conv.weight.data * 2  # a new weight version
+    np.testing.assert_allclose(conv(x) - conv.bias.data[:, None, None], 2 * (first - conv.bias.data[:, None, None]),
+                               rtol=1e-5, atol=1e-5)
+    assert len(transforms) == 2
+    conv.train()
+    conv(x)
+    conv(x)
+    assert len(transforms) == 2  # training transforms inside the kernel call, every step, and caches nothing
+
+
+def test_networks_agree_between_algorithms():
+    rng = np.random.default_rng(5)
+    net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1, seed=1), nn.BatchNorm2d(32), nn.ReLU(),
+                        nn.Conv2d(32, 32, 3, padding=1, seed=2), nn.BatchNorm2d(32), nn.ReLU(),
+                        nn.Conv2d(32, 16, 3, padding=1, seed=3))
+    x = rng.random((4, 3, 24, 24), dtype=np.float32)
+    exact = nn.set_conv_algorithm(net, "im2col").eval()(x)
+    fast = nn.set_conv_algorithm(net, "winograd").eval()(x)
+    assert [layer.algorithm for layer in net.layers if isinstance(layer, nn.Conv2d)] == ["winograd"] * 3
+    assert np.abs(fast - exact).max() <= 3 * FLOAT32_TOLERANCE[4] * np.abs(exact).max()
+
+
+def test_patchcore_detects_as_well_with_winograd_as_with_im2col():
+    from npanomaly import PatchCore, metrics, synthetic
+
+    category = synthetic.make_category("woven", n_train=16, n_test_good=6, n_test_defect=8, size=64, seed=1)
+    results = {}
+    for algorithm in ("im2col", "winograd"):
+        model = PatchCore(backbone="resnet18", weights="random", seed=0)
+        nn.set_conv_algorithm(model.backbone, algorithm)
+        scores = model.fit(category.train).score_samples(category.test)
+        results[algorithm] = (metrics.auroc(scores, category.labels), scores)
+    assert results["winograd"][0] == results["im2col"][0]
+    np.testing.assert_allclose(results["winograd"][1], results["im2col"][1], rtol=1e-3)
