@@ -3,7 +3,8 @@
     python benchmarks/bench_backbones.py [--threads 2] [--repeats 5] [--batch 8] [--size 224]
 
 EfficientNet-Lite0 (up to its stride-16 stage and whole, as PatchCore and a classifier use it) and
-ResNet-18 (up to layer3 and whole) on a batch of 8 RGB 224x224 images, eval mode, random weights
+ResNet-18 (up to layer3 and whole) and wide_resnet50_2 up to layer3 (PatchCore's layer2 + layer3
+extraction, the paper's configuration) on a batch of 8 RGB 224x224 images, eval mode, random weights
 (speed does not depend on them): npanomaly vs torch (the same architecture written in torch with
 the checkpoint's names, tests/torch_backbones.py). Ratio = npanomaly / torch, medians of runs timed in
 turns after a warm-up.
@@ -21,6 +22,7 @@ add_import_order(parser)
 parser.add_argument("--repeats", type=int, default=5)
 parser.add_argument("--batch", type=int, default=8)
 parser.add_argument("--size", type=int, default=224)
+parser.add_argument("--skip-wide", action="store_true", help="leave out wide_resnet50_2 (the slowest case)")
 ARGS = parser.parse_args()
 use_threads(ARGS.threads, ARGS.import_order)
 
@@ -41,8 +43,11 @@ def main():
     torch.set_num_threads(ARGS.threads)
     images = np.random.default_rng(0).random((ARGS.batch, 3, ARGS.size, ARGS.size), dtype=np.float32)
     print(f"threads={ARGS.threads} batch={ARGS.batch}x3x{ARGS.size}x{ARGS.size} torch={torch.__version__}")
-    cases = (("efficientnet_lite0", tb.Lite0(), ("stride16", "head")), ("resnet18", tb.ResNet(False, (2, 2, 2, 2)),
-                                                                         ("layer3", "layer4")))
+    cases = (("efficientnet_lite0", tb.Lite0(), ("stride16", "head")),
+             ("resnet18", tb.ResNet(False, (2, 2, 2, 2)), ("layer3", "layer4")),
+             ("wide_resnet50_2", tb.ResNet(True, (3, 4, 6, 3), 2), ("layer3",)))
+    if ARGS.skip_wide:
+        cases = cases[:2]
     for name, twin, stages in cases:
         tb.randomise(twin, seed=0)
         ours = backbones.build(name, twin.state_dict())
@@ -59,30 +64,36 @@ def main():
             print(f"{name:<19} up to {stage:<9} npanomaly {t_ours * 1e3:8.1f} ms  torch {t_torch * 1e3:8.1f} ms  "
                   f"ratio {t_ours / t_torch:.2f}x  floors: BLAS {t_blas / t_torch:.2f}x, "
                   f"+ im2col {t_unfold / t_torch:.2f}x", flush=True)
-    print("(floors: only the NumPy matrix products of the dense convolutions, then those plus the im2col "
-          "unfolding they need, over torch's whole time: lower bounds for any im2col + NumPy-BLAS design)")
+    print("(floors: only the NumPy matrix products of the dense convolutions (im2col's, or Winograd's 36 where "
+          "Conv2d ran it), then those plus the im2col unfolding they need, over torch's whole time)")
 
 
 def floors(backbone, images, stage):
     """Two functions: the GEMMs backbone.features(images, [stage]) makes for its dense convolutions
     (shapes recorded from one real pass) with nothing else, and the same plus the im2col unfolding
-    of every convolution that needs one (into buffers allocated beforehand). No batch norm, no
-    activations, no depthwise convolutions: both are lower bounds for an im2col + NumPy-BLAS design."""
+    of every convolution that needs one (into buffers allocated beforehand). A convolution that ran
+    by Winograd counts its 36 products [tiles, C] @ [C, O] instead (no transforms). No batch norm,
+    no activations, no depthwise convolutions: both are lower bounds for this design."""
     from npanomaly import kernels
     from npanomaly.kernels.conv import conv2d_output_size, im2col
 
-    recorded = []
-    real = kernels.conv2d_forward
+    recorded, winograd = [], []
+    real, real_winograd = kernels.conv2d_forward, kernels.winograd_conv2d_forward
 
     def recording(x, weight, bias, stride_h, stride_w, pad_h, pad_w, *fused_relu):
         recorded.append((x.copy(), weight.shape, stride_h, stride_w, pad_h, pad_w))
         return real(x, weight, bias, stride_h, stride_w, pad_h, pad_w, *fused_relu)
 
-    kernels.conv2d_forward = recording
+    def recording_winograd(x, weight, bias, pad_h, pad_w, m=4, *rest):
+        tiles = x.shape[0] * (-(-(x.shape[2] + 2 * pad_h - 2) // m)) * (-(-(x.shape[3] + 2 * pad_w - 2) // m))
+        winograd.append(((m + 2) ** 2, tiles, weight.shape[1], weight.shape[0]))
+        return real_winograd(x, weight, bias, pad_h, pad_w, m, *rest)
+
+    kernels.conv2d_forward, kernels.winograd_conv2d_forward = recording, recording_winograd
     try:
         backbone.features(images, [stage])
     finally:
-        kernels.conv2d_forward = real
+        kernels.conv2d_forward, kernels.winograd_conv2d_forward = real, real_winograd
     rng = np.random.default_rng(0)
     layers = []
     for x, (out_channels, channels, kernel_h, kernel_w), stride_h, stride_w, pad_h, pad_w in recorded:
@@ -95,23 +106,27 @@ def floors(backbone, images, stage):
         unfold = None if pointwise else (x, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, cols)
         layers.append((rng.random((out_channels, rows), np.float32), cols,
                        np.empty((batch, out_channels, out_h * out_w), np.float32), unfold))
+    for points, tiles, channels, out_channels in winograd:
+        layers.append((rng.random((points, tiles, channels), np.float32),
+                       rng.random((points, channels, out_channels), np.float32),
+                       np.empty((points, tiles, out_channels), np.float32), None))
 
     def products():
-        for w2, cols, out, _ in layers:
-            np.matmul(w2, cols, out=out)
+        for a, b, out, _ in layers:
+            np.matmul(a, b, out=out)
 
     def unfold_and_products():
-        for w2, cols, out, unfold in layers:
+        for a, b, out, unfold in layers:
             if unfold is not None:
                 im2col(*unfold)
-            np.matmul(w2, cols, out=out)
+            np.matmul(a, b, out=out)
     return products, unfold_and_products
 
 
 def truncated_forward(twin, x, name, stage):
     import torch.nn.functional as F
 
-    if name == "resnet18":
+    if name in ("resnet18", "wide_resnet50_2"):
         x = F.max_pool2d(F.relu(twin.bn1(twin.conv1(x))), 3, 2, 1)
         for i in range(1, int(stage[-1]) + 1):
             x = getattr(twin, f"layer{i}")(x)

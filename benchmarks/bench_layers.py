@@ -66,6 +66,19 @@ def compile_times():
 
 
 
+def winograd_products_floor(x, weight, pad, m=4):
+    """(a function timing only the alpha^2 BLAS products of a Winograd F(m x m, 3 x 3) convolution
+    on transformed inputs made beforehand, their count): the floor of the Winograd design."""
+    batch, channels, height, width = x.shape
+    out_channels = weight.shape[0]
+    tiles = batch * (-(-(height + 2 * pad - 2) // m)) * (-(-(width + 2 * pad - 2) // m))
+    rng = np.random.default_rng(1)
+    v = rng.random(((m + 2) ** 2, tiles, channels), dtype=np.float32)
+    u = rng.random(((m + 2) ** 2, channels, out_channels), dtype=np.float32)
+    out = np.empty(((m + 2) ** 2, tiles, out_channels), np.float32)
+    return (lambda: np.matmul(v, u, out=out)), (m + 2) ** 2
+
+
 def main():
     import numba
     import torch
@@ -97,7 +110,8 @@ def main():
               f"(import {imp0:.1f} s / {imp1:.1f} s)")
     print(f"{'case':<44} {'npanomaly':>12} {'torch':>12}   ratio   BLAS floor")
     print("(BLAS floor: only the NumPy matrix products that the im2col lowering must make, on columns "
-          "unfolded beforehand, over torch's whole time; no im2col + NumPy-BLAS design beats it)")
+          "unfolded beforehand, over torch's whole time; no im2col + NumPy-BLAS design beats it. On the "
+          "winograd rows: only the 36 products of F(4x4, 3x3) on inputs transformed beforehand)")
 
     convs = [  # name, in, out, kernel, stride, pad, size
         ("seed conv1 3->64 k3 s2 @256", 3, 64, 3, 2, 1, 256),
@@ -107,6 +121,11 @@ def main():
         ("wrn layer2 conv2 256->256 k3 @28", 256, 256, 3, 1, 1, 28),
         ("wrn layer3 conv2 512->512 k3 @14", 512, 512, 3, 1, 1, 14),
         ("wrn layer3 conv3 512->1024 k1 @14", 512, 1024, 1, 1, 0, 14),
+        ("wrn layer1 conv2 128->128 k3 @56", 128, 128, 3, 1, 1, 56),
+        ("resnet18 layer1 64->64 k3 @56", 64, 64, 3, 1, 1, 56),
+        ("resnet18 layer2 128->128 k3 @28", 128, 128, 3, 1, 1, 28),
+        ("resnet18 layer3 256->256 k3 @14", 256, 256, 3, 1, 1, 14),
+        ("resnet18 layer4 512->512 k3 @7", 512, 512, 3, 1, 1, 7),
     ]
     for name, cin, cout, k, s, p, size in convs:
         x = rng.standard_normal((batch, cin, size, size), dtype=np.float32)
@@ -145,6 +164,22 @@ def main():
             for image in range(batch):
                 np.matmul(cols[image], g3[image].T, out=grad_w2t)
 
+        if k == 3 and s == 1:  # what Conv2d(algorithm="auto") runs here: Winograd F(4x4, 3x3)
+            layer = nn.Conv2d(cin, cout, 3, padding=p)
+            layer.weight.data, layer.bias.data = w, b
+            winograd_floor, winograd_products = winograd_products_floor(x, w, p)
+            compare(f"conv fwd  {name} (im2col)", lambda: K.conv2d_forward(x, w, b, s, s, p, p), torch_forward,
+                    forward_floor)
+            layer.eval()
+            compare(f"conv fwd  {name} (winograd, eval)", lambda: layer(x), torch_forward, winograd_floor)
+
+            def our_backward():  # noqa: F811 - Winograd input gradient, im2col weight gradient
+                K.winograd_conv2d_backward_input(g, w, p, p)
+                K.conv2d_backward_weight(g, x, k, k, s, s, p, p)
+                K.conv2d_backward_bias(g)
+
+            compare(f"conv bwd  {name} (winograd input)", our_backward, torch_backward, backward_floor)
+            continue
         compare(f"conv fwd  {name}", lambda: K.conv2d_forward(x, w, b, s, s, p, p), torch_forward, forward_floor)
         compare(f"conv bwd  {name}", our_backward, torch_backward, backward_floor)
 

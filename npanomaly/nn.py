@@ -254,9 +254,13 @@ class Module:
 
 
 #: Conv2d(algorithm="auto") runs Winograd from this many input and output channels and this many
-#: 4x4 output tiles per call (a 28 x 28 output of 8 images has 392); measured in docs/speed.md.
+#: 4x4 output tiles per image: outputs of 25 x 25 and more (ResNet's 56 x 56 and 28 x 28 stages at
+#: 224 x 224). Counted per image, so that an image's result never depends on how many others share
+#: its batch. Measured (docs/speed.md): one 14 x 14 image (16 tiles) took 7.0 ms by Winograd against
+#: 2.0 ms by im2col; ResNet-18 to layer3 on 8 images was as fast with 14 x 14 included (214-240 ms)
+#: as without (213-228 ms); 8 images of 7 x 7 (4 tiles each) 21 ms either way.
 WINOGRAD_MIN_CHANNELS = 16
-WINOGRAD_MIN_TILES = 64
+WINOGRAD_MIN_TILES = 49
 
 
 class Conv2d(Module):
@@ -376,8 +380,8 @@ class Conv2d(Module):
         """Whether this call runs Winograd: always with algorithm="winograd", never with "im2col",
         and with "auto" when the layer is a dense 3x3 stride-1 convolution with at least
         WINOGRAD_MIN_CHANNELS input and output channels and the call has at least
-        WINOGRAD_MIN_TILES 4x4 output tiles: below those the products are too narrow for BLAS and
-        im2col is faster (measured in docs/speed.md)."""
+        WINOGRAD_MIN_TILES 4x4 output tiles per image: below those the products are too narrow for
+        BLAS and im2col is faster (measured in docs/speed.md)."""
         if self._algorithm == "im2col" or not hasattr(self.kernels, "winograd_conv2d_forward"):
             return False
         if self._algorithm == "winograd":
@@ -385,7 +389,7 @@ class Conv2d(Module):
         if not self._winograd_shape() or max(pads) > 2:
             return False
         out_h, out_w = (n + 2 * p - 2 for n, p in zip(x.shape[2:], pads))
-        tiles = x.shape[0] * -(-out_h // 4) * -(-out_w // 4)
+        tiles = -(-out_h // 4) * -(-out_w // 4)  # per image: the choice never depends on the batch
         return (min(self.in_channels, self.out_channels) >= WINOGRAD_MIN_CHANNELS
                 and tiles >= WINOGRAD_MIN_TILES)
 
@@ -710,7 +714,9 @@ class Sequential(Module):
         return self._in_chunks(x, lambda part: self._run(part, stop, wanted)[1])
 
     def _in_chunks(self, x, run):
-        """run(x) (a list of [N, ...] arrays), on EVAL_CHUNK_BYTES of input at a time in evaluation mode.
+        """run(x) (a list of [N, ...] arrays), on EVAL_CHUNK_BYTES of input at a time in evaluation mode
+        (WINOGRAD_EVAL_CHUNK_BYTES when a convolution may run by Winograd, whose products want the
+        tiles of several images).
 
         In evaluation mode every image is computed on its own (batch norm uses running statistics;
         folding is decided per image), so the groups give bit-identical results, and their
@@ -719,7 +725,11 @@ class Sequential(Module):
         """
         step = x.shape[0]
         if step > 1 and not self.training and not any(layer.training for layer in self.layers):
-            step = max(1, _config.EVAL_CHUNK_BYTES // max(1, x[0].nbytes))
+            budget = _config.EVAL_CHUNK_BYTES
+            if any(isinstance(layer, Conv2d) and layer.algorithm != "im2col" and layer._winograd_shape()
+                   and min(layer.in_channels, layer.out_channels) >= WINOGRAD_MIN_CHANNELS for layer in self.layers):
+                budget = _config.WINOGRAD_EVAL_CHUNK_BYTES  # Winograd's products need many tiles at once
+            step = max(1, budget // max(1, x[0].nbytes))
         if step >= x.shape[0]:
             return run(x)
         outputs = None

@@ -132,8 +132,8 @@ def test_conv2d_auto_chooses_winograd_for_wide_calls_only(monkeypatch):
 
     monkeypatch.setattr(kernels, "winograd_conv2d_forward", spy)
     wide = nn.Conv2d(32, 32, 3, padding=1, seed=0).eval()
-    wide(np.zeros((4, 32, 32, 32), np.float32))  # 4 x 8 x 8 tiles, 32 channels
-    wide(np.zeros((1, 32, 8, 8), np.float32))    # 4 tiles: im2col
+    wide(np.zeros((4, 32, 32, 32), np.float32))  # 8 x 8 tiles per image, 32 channels
+    wide(np.zeros((16, 32, 8, 8), np.float32))   # 4 tiles per image, however many images: im2col
     nn.Conv2d(3, 32, 3, padding=1, seed=0)(np.zeros((4, 3, 32, 32), np.float32))  # 3 input channels: im2col
     nn.Conv2d(32, 32, 3, stride=2, padding=1, seed=0)(np.zeros((4, 32, 32, 32), np.float32))  # stride 2
     assert calls == [(4, 32, 32, 32)]
