@@ -254,13 +254,14 @@ class Module:
 
 
 #: Conv2d(algorithm="auto") runs Winograd from this many input and output channels and this many
-#: 4x4 output tiles per image: outputs of 25 x 25 and more (ResNet's 56 x 56 and 28 x 28 stages at
-#: 224 x 224). Counted per image, so that an image's result never depends on how many others share
-#: its batch. Measured (docs/speed.md): one 14 x 14 image (16 tiles) took 7.0 ms by Winograd against
-#: 2.0 ms by im2col; ResNet-18 to layer3 on 8 images was as fast with 14 x 14 included (214-240 ms)
-#: as without (213-228 ms); 8 images of 7 x 7 (4 tiles each) 21 ms either way.
+#: 4x4 output tiles per image: outputs of 13 x 13 and more (ResNet's 56, 28 and 14 x 14 stages at
+#: 224 x 224, not the 7 x 7 one). Counted per image, so that an image's result never depends on how
+#: many others share its batch. Measured (docs/speed.md), batch 8 x 224^2 with networks running 8
+#: images per chunk: wide_resnet50_2 to layer3 1772 ms with 25 x 25 as the limit against 1110 ms with
+#: 13 x 13; 8 images of 7 x 7 took 21 ms either way. The price: one lone 14 x 14 image takes 7.0 ms
+#: by Winograd against 2.0 ms by im2col (a network in evaluation mode runs 8 at a time).
 WINOGRAD_MIN_CHANNELS = 16
-WINOGRAD_MIN_TILES = 49
+WINOGRAD_MIN_TILES = 16
 
 
 class Conv2d(Module):
@@ -457,6 +458,14 @@ class Conv2d(Module):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self._stride}, "
                 f"padding={'same' if self._same else self._padding}, groups={self.groups}, "
                 f"bias={self.bias is not None}{'' if self._algorithm == 'auto' else f', algorithm={self._algorithm!r}'}")
+
+
+def _may_run_winograd(module):
+    """Whether module (or a layer inside it) is a convolution that Winograd may run."""
+    if isinstance(module, Conv2d):
+        return (module.algorithm != "im2col" and module._winograd_shape()
+                and min(module.in_channels, module.out_channels) >= WINOGRAD_MIN_CHANNELS)
+    return any(_may_run_winograd(child) for _, child in module.named_children())
 
 
 def set_conv_algorithm(module, algorithm):
@@ -725,10 +734,7 @@ class Sequential(Module):
         """
         step = x.shape[0]
         if step > 1 and not self.training and not any(layer.training for layer in self.layers):
-            budget = _config.EVAL_CHUNK_BYTES
-            if any(isinstance(layer, Conv2d) and layer.algorithm != "im2col" and layer._winograd_shape()
-                   and min(layer.in_channels, layer.out_channels) >= WINOGRAD_MIN_CHANNELS for layer in self.layers):
-                budget = _config.WINOGRAD_EVAL_CHUNK_BYTES  # Winograd's products need many tiles at once
+            budget = _config.WINOGRAD_EVAL_CHUNK_BYTES if _may_run_winograd(self) else _config.EVAL_CHUNK_BYTES
             step = max(1, budget // max(1, x[0].nbytes))
         if step >= x.shape[0]:
             return run(x)
