@@ -28,6 +28,7 @@ def parse_args():
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="batch 2 instead of 8 (a smoke run)")
     parser.add_argument("--no-compile", action="store_true", help="skip the compile-time measurement")
+    parser.add_argument("--compile-only", action="store_true", help="only the compile-time measurement")
     return parser.parse_args()
 
 
@@ -43,9 +44,10 @@ COMPILE_SCRIPT = textwrap.dedent("""
     from npanomaly import nn, optim
     t1 = time.perf_counter()
     for dtype in (np.float32, np.float64):
-        net = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-                            nn.MaxPool2d(2), nn.AvgPool2d(3, 1, 1), nn.Conv2d(4, 2, 1)).to(dtype)
-        x = np.ones((2, 3, 16, 16), dtype)
+        net = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                            nn.MaxPool2d(2), nn.AvgPool2d(3, 1, 1), nn.Conv2d(16, 16, 3, padding=1),
+                            nn.Conv2d(16, 2, 1)).to(dtype)  # "auto": Winograd in float32 (16 tiles), im2col in float64
+        x = np.ones((2, 3, 64, 64), dtype)
         y = net(x)
         net.backward(np.ones_like(y))
         net.eval()(x)
@@ -64,6 +66,26 @@ def compile_times():
             results.append(tuple(float(v) for v in out))
     return results
 
+
+
+def winograd_errors():
+    """The float32 error of im2col, F(2x2, 3x3) and F(4x4, 3x3) against a float64 convolution on the
+    wide_resnet50_2 3x3 shapes (2 images, post-ReLU inputs, Kaiming-scaled weights)."""
+    from npanomaly import kernels as K
+
+    rng = np.random.default_rng(0)
+    shapes = [(16, 16)] if ARGS.quick else [(128, 56), (256, 28), (512, 14)]
+    for channels, size in shapes:
+        x = np.maximum(rng.standard_normal((2, channels, size, size)), 0.0)
+        w = rng.standard_normal((channels, channels, 3, 3)) * np.sqrt(2 / (9 * channels))
+        exact = K.conv2d_forward(x, w, None, 1, 1, 1, 1)
+        x32, w32 = x.astype(np.float32), w.astype(np.float32)
+        errors = []
+        for name, y in (("im2col", K.conv2d_forward(x32, w32, None, 1, 1, 1, 1)),
+                        ("F(2x2)", K.winograd_conv2d_forward(x32, w32, None, 1, 1, 2)),
+                        ("F(4x4)", K.winograd_conv2d_forward(x32, w32, None, 1, 1, 4))):
+            errors.append(f"{name} {np.abs(y - exact).max() / np.abs(exact).max():.1e}")
+        print(f"float32 error, max |y - y64| / max |y64|, {channels}->{channels} k3 @{size}: {', '.join(errors)}")
 
 
 def winograd_products_floor(x, weight, pad, m=4):
@@ -108,6 +130,8 @@ def main():
         (imp0, cold), (imp1, warm) = compile_times()
         print(f"compile all layer kernels (float32+float64): cold {cold:.1f} s, cached {warm:.1f} s "
               f"(import {imp0:.1f} s / {imp1:.1f} s)")
+        if ARGS.compile_only:
+            return
     print(f"{'case':<44} {'npanomaly':>12} {'torch':>12}   ratio   BLAS floor")
     print("(BLAS floor: only the NumPy matrix products that the im2col lowering must make, on columns "
           "unfolded beforehand, over torch's whole time; no im2col + NumPy-BLAS design beats it. On the "
@@ -182,6 +206,8 @@ def main():
             continue
         compare(f"conv fwd  {name}", lambda: K.conv2d_forward(x, w, b, s, s, p, p), torch_forward, forward_floor)
         compare(f"conv bwd  {name}", our_backward, torch_backward, backward_floor)
+
+    winograd_errors()
 
     x = rng.standard_normal((batch, 128, 64, 64), dtype=np.float32)
     ones, zeros = np.ones(128, np.float32), np.zeros(128, np.float32)

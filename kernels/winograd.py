@@ -56,7 +56,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import memory
-from ._config import IM2COL_BUDGET_BYTES, PARALLEL_JIT_OPTIONS
+from ._config import IM2COL_BUDGET_BYTES, JIT_OPTIONS, PARALLEL_JIT_OPTIONS
 from .activation import clamp
 from .conv import conv2d_output_size
 
@@ -85,17 +85,19 @@ def transform_matrices(m, r=3):
     return a_t, g + 0.0, np.round(b_t) + 0.0  # integers; rounding removes the inverse's error, + 0.0 the -0.0s
 
 
-@njit(**PARALLEL_JIT_OPTIONS)
+@njit(**JIT_OPTIONS)
 def filter_transform(weight_chwo, g, u):
     """U[xi, c, o] = (G w[o, c] G^T)[xi // alpha, xi % alpha]: the transformed filters.
 
     Shapes: weight_chwo [C, 3, 3, O] (the filters with the output channel last, so that the inner
     loops run along it), g [alpha, 3] -> u [alpha^2, C, O] (written in place).
-    Parallel: over input channels.
+    Serial: a frozen layer runs it once (Conv2d caches U in evaluation mode), and a parallel loop
+    took 3 s more of compile time (measured: 30.4 against 27.6 s for the cold compile of all
+    kernels, whose budget is 30 s).
     """
     channels, _, _, out_channels = weight_chwo.shape
     alpha = g.shape[0]
-    for c in prange(channels):
+    for c in range(channels):
         left = np.empty((alpha, 3, out_channels), dtype=u.dtype)
         for a in range(alpha):  # left = G w
             for j in range(3):

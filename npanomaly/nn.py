@@ -26,7 +26,8 @@ from npanomaly._validation import (
     pair,
 )
 
-__all__ = ["AvgPool2d", "BatchNorm2d", "Conv2d", "MaxPool2d", "Module", "Parameter", "ReLU", "Sequential", "set_conv_algorithm"]
+__all__ = ["AvgPool2d", "BatchNorm2d", "Conv2d", "MaxPool2d", "Module", "Parameter", "ReLU", "Sequential",
+           "set_conv_algorithm"]
 
 
 def _generator(seed):
@@ -379,16 +380,16 @@ class Conv2d(Module):
 
     def _uses_winograd(self, x, pads):
         """Whether this call runs Winograd: always with algorithm="winograd", never with "im2col",
-        and with "auto" when the layer is a dense 3x3 stride-1 convolution with at least
-        WINOGRAD_MIN_CHANNELS input and output channels and the call has at least
+        and with "auto" when the input is float32 and the layer is a dense 3x3 stride-1 convolution
+        with at least WINOGRAD_MIN_CHANNELS input and output channels and the call has at least
         WINOGRAD_MIN_TILES 4x4 output tiles per image: below those the products are too narrow for
         BLAS and im2col is faster (measured in docs/speed.md)."""
         if self._algorithm == "im2col" or not hasattr(self.kernels, "winograd_conv2d_forward"):
             return False
         if self._algorithm == "winograd":
             return True
-        if not self._winograd_shape() or max(pads) > 2:
-            return False
+        if not self._winograd_shape() or max(pads) > 2 or x.dtype != np.float32:
+            return False  # float64 is for exact cross-checks: it keeps im2col's sums (and compiles less)
         out_h, out_w = (n + 2 * p - 2 for n, p in zip(x.shape[2:], pads))
         tiles = -(-out_h // 4) * -(-out_w // 4)  # per image: the choice never depends on the batch
         return (min(self.in_channels, self.out_channels) >= WINOGRAD_MIN_CHANNELS
@@ -457,13 +458,15 @@ class Conv2d(Module):
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self._stride}, "
                 f"padding={'same' if self._same else self._padding}, groups={self.groups}, "
-                f"bias={self.bias is not None}{'' if self._algorithm == 'auto' else f', algorithm={self._algorithm!r}'}")
+                f"bias={self.bias is not None}"
+                f"{'' if self._algorithm == 'auto' else f', algorithm={self._algorithm!r}'}")
 
 
 def _may_run_winograd(module):
     """Whether module (or a layer inside it) is a convolution that Winograd may run."""
     if isinstance(module, Conv2d):
         return (module.algorithm != "im2col" and module._winograd_shape()
+                and module.weight.data.dtype == np.float32
                 and min(module.in_channels, module.out_channels) >= WINOGRAD_MIN_CHANNELS)
     return any(_may_run_winograd(child) for _, child in module.named_children())
 
