@@ -197,12 +197,18 @@ def main():
             layer.eval()
             compare(f"conv fwd  {name} (winograd, eval)", lambda: layer(x), torch_forward, winograd_floor)
 
-            def our_backward():  # noqa: F811 - Winograd input gradient, im2col weight gradient
+            winograd_weight = layer._winograd_weight_gradient(g)  # as Conv2d decides for this batch
+
+            def our_backward():  # noqa: F811 - Winograd input gradient, and weight gradient where it wins
                 K.winograd_conv2d_backward_input(g, w, p, p)
-                K.conv2d_backward_weight(g, x, k, k, s, s, p, p)
+                if winograd_weight:
+                    K.winograd_conv2d_backward_weight(g, x, p, p)
+                else:
+                    K.conv2d_backward_weight(g, x, k, k, s, s, p, p)
                 K.conv2d_backward_bias(g)
 
-            compare(f"conv bwd  {name} (winograd input)", our_backward, torch_backward, backward_floor)
+            compare(f"conv bwd  {name} (winograd{'' if winograd_weight else ' input'})", our_backward,
+                    torch_backward, backward_floor)
             continue
         compare(f"conv fwd  {name}", lambda: K.conv2d_forward(x, w, b, s, s, p, p), torch_forward, forward_floor)
         compare(f"conv bwd  {name}", our_backward, torch_backward, backward_floor)

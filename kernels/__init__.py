@@ -43,7 +43,12 @@ from .pooling import (
 )
 from .reduce import all_below, all_finite, channel_mean_squared_difference, squared_difference_loss
 from .resize import bilinear_resize, gaussian_blur, gaussian_kernel1d
-from .winograd import winograd_conv2d_backward_input, winograd_conv2d_forward, winograd_filters
+from .winograd import (
+    winograd_conv2d_backward_input,
+    winograd_conv2d_backward_weight,
+    winograd_conv2d_forward,
+    winograd_filters,
+)
 
 
 
@@ -98,6 +103,7 @@ __all__ = [
     "relu_backward_input",
     "relu_forward",
     "winograd_conv2d_backward_input",
+    "winograd_conv2d_backward_weight",
     "winograd_conv2d_forward",
     "winograd_filters",
 ]

@@ -47,7 +47,8 @@ float32 error grows with m (measured in docs/speed.md).
 **Gradients.** The input gradient of a 3 x 3 stride-1 convolution with padding p is the same
 convolution of dL/dy with the filters flipped in both axes and transposed (in and out channels
 swapped), padding 2 - p: each input pixel collects w[o, c, i, j] dL/dy[o, h - i + p, w - j + p].
-The weight gradient stays the im2col product (kernels/conv.py).
+The weight gradient is Winograd's F(3 x 3, m x m) with the tiles of dL/dy as filters
+(winograd_conv2d_backward_weight), where it is faster than the im2col product (nn.Conv2d decides).
 
 Shapes: x [N, C, H, W], weight [O, C, 3, 3], tiles T = ceil(Ho / m) * ceil(Wo / m) per image.
 """
@@ -60,15 +61,16 @@ from ._config import IM2COL_BUDGET_BYTES, JIT_OPTIONS, PARALLEL_JIT_OPTIONS
 from .activation import clamp
 from .conv import conv2d_output_size
 
-#: The finite interpolation points of F(m, 3): m + 1 of them (alpha = m + 2 with infinity).
-POINTS = {2: (0.0, 1.0, -1.0), 4: (0.0, 1.0, -1.0, 2.0, -2.0)}
+#: The finite interpolation points for alpha = m + r - 1 (alpha - 1 of them, and infinity): F(2, 3)
+#: and the weight gradient's F(3, 2) use alpha = 4, F(4, 3) and F(3, 4) alpha = 6.
+POINTS = {4: (0.0, 1.0, -1.0), 6: (0.0, 1.0, -1.0, 2.0, -2.0)}
 
 
 def transform_matrices(m, r=3):
     """(A^T [m, alpha], G [alpha, r], B^T [alpha, alpha]) of F(m, r) in float64, by the Toom-Cook
-    construction of the module docstring (points POINTS[m] and infinity, scaled by N_k)."""
-    points = np.array(POINTS[m])
+    construction of the module docstring (points POINTS[alpha] and infinity, scaled by N_k)."""
     alpha = m + r - 1
+    points = np.array(POINTS[alpha])
 
     def vandermonde(columns):
         v = np.zeros((alpha, columns))
@@ -121,32 +123,33 @@ def filter_transform(weight_chwo, g, u):
 
 @njit(**PARALLEL_JIT_OPTIONS)
 def input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, v):
-    """V[xi, n*T + t, c] = (B^T d B)[xi // alpha, xi % alpha] for channel c of the alpha x alpha
-    input tile d of tile t = th*tiles_w + tw, whose top-left pixel is (th*m - pad_h, tw*m - pad_w);
-    zeros outside the image.
+    """V[xi, n*T + t, c] = (B^T d B)[xi // alpha, xi % alpha] for channel c of the size x size tile d
+    of tile t = th*tiles_w + tw, whose top-left pixel is (th*m - pad_h, tw*m - pad_w); zeros outside
+    the image. b_t is [alpha, size]: B^T (size = alpha) for the forward pass's input tiles, or G
+    (size = m) for the weight gradient's m x m tiles of dL/dy.
 
     Shapes: x_nhwc [N, H, W, C] (channels last: every inner loop runs along the channels, which
-    are contiguous, and vectorises), b_t [alpha, alpha] -> v [alpha^2, N*T, C] (written in place).
-    Zero coefficients of B^T (16 of 36 for m = 4) are skipped outside the inner loops, and so are
-    the rows and columns of a tile that fall in the padding.
+    are contiguous, and vectorises), b_t [alpha, size] -> v [alpha^2, N*T, C] (written in place).
+    Zero coefficients (16 of 36 in B^T for m = 4) are skipped outside the inner loops, and so are
+    the rows and columns of a tile that fall outside the image.
     Parallel: over tiles; each writes only its own row of every V[xi].
     """
     batch, height, width, channels = x_nhwc.shape
-    alpha = b_t.shape[0]
+    alpha, size = b_t.shape
     tiles = tiles_h * tiles_w
     for job in prange(batch * tiles):
         n = job // tiles
         th = (job % tiles) // tiles_w
         tw = job % tiles_w
-        left = np.empty((alpha, alpha, channels), dtype=v.dtype)
+        left = np.empty((alpha, size, channels), dtype=v.dtype)
         for a in range(alpha):  # left = B^T d
-            for j in range(alpha):
+            for j in range(size):
                 acc = left[a, j]
                 acc[:] = 0.0
                 w = tw * m - pad_w + j
                 if w < 0 or w >= width:
                     continue
-                for i in range(alpha):
+                for i in range(size):
                     h = th * m - pad_h + i
                     coefficient = b_t[a, i]
                     if coefficient != 0.0 and 0 <= h < height:
@@ -157,7 +160,7 @@ def input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, v):
             for b in range(alpha):
                 out = v[a * alpha + b, job]
                 out[:] = 0.0
-                for j in range(alpha):
+                for j in range(size):
                     coefficient = b_t[b, j]
                     if coefficient != 0.0:
                         for c in range(channels):
@@ -205,6 +208,40 @@ def output_transform(mm, a_t, tiles_h, tiles_w, bias, lower, upper, y_nhwc):
                     out[o] = clamp(out[o], lower, upper)
 
 
+@njit(**PARALLEL_JIT_OPTIONS)
+def to_channels_last(x, out):
+    """out[n, h, w, c] = x[n, c, h, w]: [N, C, H, W] -> [N, H, W, C].
+
+    NumPy's copy of the transposed view runs 4-15x slower here (and slowest on power-of-two sizes,
+    whose strides alias in the cache): one image row of every channel per iteration instead.
+    Parallel: over (image, row); each writes its own row of out.
+    """
+    batch, channels, height, width = x.shape
+    for job in prange(batch * height):
+        n = job // height
+        h = job % height
+        for c in range(channels):
+            row = x[n, c, h]
+            for w in range(width):
+                out[n, h, w, c] = row[w]
+
+
+@njit(**PARALLEL_JIT_OPTIONS)
+def to_channels_first(y, out):
+    """out[n, c, h, w] = y[n, h, w, c]: [N, H, W, C] -> [N, C, H, W] (the inverse of to_channels_last).
+
+    Parallel: over (image, row).
+    """
+    batch, height, width, channels = y.shape
+    for job in prange(batch * height):
+        n = job // height
+        h = job % height
+        for c in range(channels):
+            row = out[n, c, h]
+            for w in range(width):
+                row[w] = y[n, h, w, c]
+
+
 _MATRICES = {}
 
 
@@ -248,7 +285,8 @@ def winograd_conv2d_forward(x, weight, bias, pad_h, pad_w, m=4, lower=-np.inf, u
     step = max(1, min(batch, IM2COL_BUDGET_BYTES // per_image))
     v = memory.empty((alpha * alpha, step * tiles, channels), x.dtype)
     mm = memory.empty((alpha * alpha, step * tiles, out_channels), x.dtype)
-    x_nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    x_nhwc = memory.empty((batch, height, width, channels), x.dtype)
+    to_channels_last(x, x_nhwc)
     y_nhwc = memory.empty((batch, out_h, out_w, out_channels), x.dtype)
     zeros = np.zeros(out_channels, x.dtype) if bias is None else bias
     for start in range(0, batch, step):
@@ -259,8 +297,50 @@ def winograd_conv2d_forward(x, weight, bias, pad_h, pad_w, m=4, lower=-np.inf, u
         np.matmul(v_part, u, out=m_part)
         output_transform(m_part, a_t, tiles_h, tiles_w, zeros, lower, upper, y_nhwc[start:stop])
     y = memory.empty((batch, out_channels, out_h, out_w), x.dtype)
-    y[...] = y_nhwc.transpose(0, 3, 1, 2)
+    to_channels_first(y_nhwc, y)
     return y
+
+
+def winograd_conv2d_backward_weight(grad_out, x, pad_h, pad_w, m=4):
+    """Gradient of a 3x3 stride-1 convolution with respect to its filters, by Winograd F(3x3, m x m).
+
+    Shapes: grad_out [N, O, Ho, Wo], x [N, C, H, W] -> grad_weight [O, C, 3, 3].
+    Gradient: dL/dw[o, c, i, j] = sum_{n, y, x} dL/dy[n, o, y, x] x[n, c, y + i - pad_h, x + j - pad_w].
+    Per m x m tile of dL/dy this is a correlation of the (m + 2) x (m + 2) input tile d with the
+    tile g as the filter, 3 x 3 outputs: F(3 x 3, m x m), whose B^T is the forward pass's (the same
+    points) and whose G, A^T come from transform_matrices(3, m). The sum over tiles and images
+    moves inside the transforms:
+        dW[o, c] = A^T [ sum_tiles (G g_o G^T) * (B^T d_c B) ] A,
+    so the alpha^2 products are [O, tiles] @ [tiles, C], long in the summed dimension (BLAS's best
+    case), and the input tiles are transformed exactly as in the forward pass.
+    """
+    batch, channels, height, width = x.shape
+    out_channels, out_h, out_w = grad_out.shape[1:]
+    a_t, g, b_t = transform_matrices(3, m)
+    a_t, g, b_t = (t.astype(x.dtype) for t in (a_t, g, b_t))
+    alpha = m + 2
+    tiles_h, tiles_w = -(-out_h // m), -(-out_w // m)
+    tiles = tiles_h * tiles_w
+    per_image = alpha * alpha * tiles * (channels + out_channels) * x.itemsize
+    step = max(1, min(batch, IM2COL_BUDGET_BYTES // per_image))
+    v = memory.empty((alpha * alpha, step * tiles, channels), x.dtype)
+    u = memory.empty((alpha * alpha, step * tiles, out_channels), x.dtype)
+    x_nhwc = memory.empty((batch, height, width, channels), x.dtype)
+    to_channels_last(x, x_nhwc)
+    g_nhwc = memory.empty((batch, out_h, out_w, out_channels), x.dtype)
+    to_channels_last(grad_out, g_nhwc)
+    summed = np.zeros((alpha * alpha, out_channels, channels), x.dtype)
+    partial = np.empty_like(summed)
+    for start in range(0, batch, step):
+        stop = min(batch, start + step)
+        rows = (stop - start) * tiles
+        input_transform(x_nhwc[start:stop], b_t, m, pad_h, pad_w, tiles_h, tiles_w, v[:, :rows])
+        input_transform(g_nhwc[start:stop], g, m, 0, 0, tiles_h, tiles_w, u[:, :rows])
+        np.matmul(u[:, :rows].transpose(0, 2, 1), v[:, :rows], out=partial)
+        summed += partial
+    # dW[o, c] = A^T M[o, c] A with M[o, c] the alpha x alpha points of (o, c)
+    points = summed.reshape(alpha, alpha, out_channels, channels)
+    return np.ascontiguousarray(np.einsum("ia,aboc,jb->ocij", a_t, points, a_t, optimize=True))
 
 
 def winograd_conv2d_backward_input(grad_out, weight, pad_h, pad_w, m=4):
