@@ -168,16 +168,18 @@ def input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, v):
 
 
 @njit(**PARALLEL_JIT_OPTIONS)
-def output_transform(mm, a_t, tiles_h, tiles_w, bias, lower, upper, y_nhwc):
-    """y[n, th*m + i, tw*m + j, o] = clamp((A^T M A)[i, j] + bias[o]) for the points M[:, n*T + t, o]
+def output_transform(mm, a_t, tiles_h, tiles_w, bias, lower, upper, y):
+    """y[n, o, th*m + i, tw*m + j] = clamp((A^T M A)[i, j] + bias[o]) for the points M[:, n*T + t, o]
     of each tile, dropping the positions of the last tiles that fall outside the output.
 
-    Shapes: mm [alpha^2, N*T, O], a_t [m, alpha], bias [O] -> y_nhwc [N, Ho, Wo, O] (written in
-    place; channels last, the inner loops along them). Math: clamp as add_channel_bias:
-    (lower, upper) = (0, inf) is a fused ReLU.
+    Shapes: mm [alpha^2, N*T, O], a_t [m, alpha], bias [O] -> y [N, O, Ho, Wo] (written in place).
+    The sums run along the output channels (contiguous in M, vectorised) into a buffer, from which
+    each output pixel's channels are stored (as fast as a channels-last output and a copy back,
+    measured, and one kernel less to compile). Math: clamp as add_channel_bias: (lower, upper) =
+    (0, inf) is a fused ReLU.
     Parallel: over tiles.
     """
-    batch, out_h, out_w, out_channels = y_nhwc.shape
+    batch, out_channels, out_h, out_w = y.shape
     m, alpha = a_t.shape
     tiles = tiles_h * tiles_w
     for job in prange(batch * tiles):
@@ -185,6 +187,7 @@ def output_transform(mm, a_t, tiles_h, tiles_w, bias, lower, upper, y_nhwc):
         th = (job % tiles) // tiles_w
         tw = job % tiles_w
         left = np.empty((m, alpha, out_channels), dtype=mm.dtype)
+        out = np.empty(out_channels, dtype=mm.dtype)
         for i in range(m):  # left = A^T M
             for b in range(alpha):
                 acc = left[i, b]
@@ -197,7 +200,6 @@ def output_transform(mm, a_t, tiles_h, tiles_w, bias, lower, upper, y_nhwc):
                             acc[o] += coefficient * points[o]
         for i in range(min(m, out_h - th * m)):  # (A^T M) A, inside the output only
             for j in range(min(m, out_w - tw * m)):
-                out = y_nhwc[n, th * m + i, tw * m + j]
                 out[:] = bias
                 for b in range(alpha):
                     coefficient = a_t[j, b]
@@ -205,41 +207,24 @@ def output_transform(mm, a_t, tiles_h, tiles_w, bias, lower, upper, y_nhwc):
                         for o in range(out_channels):
                             out[o] += coefficient * left[i, b, o]
                 for o in range(out_channels):
-                    out[o] = clamp(out[o], lower, upper)
+                    y[n, o, th * m + i, tw * m + j] = clamp(out[o], lower, upper)
 
 
-@njit(**PARALLEL_JIT_OPTIONS)
+@njit(**JIT_OPTIONS)
 def to_channels_last(x, out):
     """out[n, h, w, c] = x[n, c, h, w]: [N, C, H, W] -> [N, H, W, C].
 
     NumPy's copy of the transposed view runs 4-15x slower here (and slowest on power-of-two sizes,
-    whose strides alias in the cache): one image row of every channel per iteration instead.
-    Parallel: over (image, row); each writes its own row of out.
+    whose strides alias in the cache): one image row of every channel at a time instead. Serial:
+    a copy is bound by memory (as fast as a parallel loop here, measured), and compiles faster.
     """
     batch, channels, height, width = x.shape
-    for job in prange(batch * height):
-        n = job // height
-        h = job % height
-        for c in range(channels):
-            row = x[n, c, h]
-            for w in range(width):
-                out[n, h, w, c] = row[w]
-
-
-@njit(**PARALLEL_JIT_OPTIONS)
-def to_channels_first(y, out):
-    """out[n, c, h, w] = y[n, h, w, c]: [N, H, W, C] -> [N, C, H, W] (the inverse of to_channels_last).
-
-    Parallel: over (image, row).
-    """
-    batch, height, width, channels = y.shape
-    for job in prange(batch * height):
-        n = job // height
-        h = job % height
-        for c in range(channels):
-            row = out[n, c, h]
-            for w in range(width):
-                row[w] = y[n, h, w, c]
+    for n in range(batch):
+        for h in range(height):
+            for c in range(channels):
+                row = x[n, c, h]
+                for w in range(width):
+                    out[n, h, w, c] = row[w]
 
 
 _MATRICES = {}
@@ -269,9 +254,10 @@ def winograd_conv2d_forward(x, weight, bias, pad_h, pad_w, m=4, lower=-np.inf, u
     Ho = H + 2 pad_h - 2. Steps: the filter transform U (winograd_filters; pass ``filters`` to reuse
     one, as a frozen layer does), then per chunk of images the input transform V (on a channels-last
     copy of x), the alpha^2 products M[xi] = V[xi] @ U[xi] through BLAS, and the output transform,
-    which adds the bias and a fused ReLU, into a channels-last output copied back to [N, O, Ho, Wo].
+    which adds the bias and a fused ReLU.
     The chunks keep V and M under IM2COL_BUDGET_BYTES together.
     """
+    x = np.ascontiguousarray(x)  # one layout for the kernels: each other one would compile them again
     batch, channels, height, width = x.shape
     out_channels = weight.shape[0]
     out_h = conv2d_output_size(height, 3, 1, pad_h)
@@ -287,7 +273,7 @@ def winograd_conv2d_forward(x, weight, bias, pad_h, pad_w, m=4, lower=-np.inf, u
     mm = memory.empty((alpha * alpha, step * tiles, out_channels), x.dtype)
     x_nhwc = memory.empty((batch, height, width, channels), x.dtype)
     to_channels_last(x, x_nhwc)
-    y_nhwc = memory.empty((batch, out_h, out_w, out_channels), x.dtype)
+    y = memory.empty((batch, out_channels, out_h, out_w), x.dtype)
     zeros = np.zeros(out_channels, x.dtype) if bias is None else bias
     for start in range(0, batch, step):
         stop = min(batch, start + step)
@@ -295,9 +281,7 @@ def winograd_conv2d_forward(x, weight, bias, pad_h, pad_w, m=4, lower=-np.inf, u
         v_part, m_part = v[:, :rows], mm[:, :rows]
         input_transform(x_nhwc[start:stop], b_t, m, pad_h, pad_w, tiles_h, tiles_w, v_part)
         np.matmul(v_part, u, out=m_part)
-        output_transform(m_part, a_t, tiles_h, tiles_w, zeros, lower, upper, y_nhwc[start:stop])
-    y = memory.empty((batch, out_channels, out_h, out_w), x.dtype)
-    to_channels_first(y_nhwc, y)
+        output_transform(m_part, a_t, tiles_h, tiles_w, zeros, lower, upper, y[start:stop])
     return y
 
 
@@ -314,6 +298,7 @@ def winograd_conv2d_backward_weight(grad_out, x, pad_h, pad_w, m=4):
     so the alpha^2 products are [O, tiles] @ [tiles, C], long in the summed dimension (BLAS's best
     case), and the input tiles are transformed exactly as in the forward pass.
     """
+    grad_out, x = np.ascontiguousarray(grad_out), np.ascontiguousarray(x)
     batch, channels, height, width = x.shape
     out_channels, out_h, out_w = grad_out.shape[1:]
     a_t, g, b_t = transform_matrices(3, m)
