@@ -227,6 +227,17 @@ def to_channels_last(x, out):
                     out[n, h, w, c] = row[w]
 
 
+def _tiling(x, out_h, out_w, out_channels, m):
+    """(tiles_h, tiles_w, tiles per image, images per chunk, x as a channels-last copy) for a call
+    whose transformed tiles of both sides stay under IM2COL_BUDGET_BYTES per chunk."""
+    batch, channels, height, width = x.shape
+    tiles_h, tiles_w = -(-out_h // m), -(-out_w // m)
+    per_image = (m + 2) ** 2 * tiles_h * tiles_w * (channels + out_channels) * x.itemsize
+    x_nhwc = memory.empty((batch, height, width, channels), x.dtype)
+    to_channels_last(x, x_nhwc)
+    return tiles_h, tiles_w, tiles_h * tiles_w, max(1, min(batch, IM2COL_BUDGET_BYTES // per_image)), x_nhwc
+
+
 _MATRICES = {}
 
 
@@ -265,14 +276,9 @@ def winograd_conv2d_forward(x, weight, bias, pad_h, pad_w, m=4, lower=-np.inf, u
     a_t, _, b_t = _matrices(m, x.dtype)
     alpha = m + 2
     u = winograd_filters(weight, m) if filters is None else filters
-    tiles_h, tiles_w = -(-out_h // m), -(-out_w // m)
-    tiles = tiles_h * tiles_w
-    per_image = alpha * alpha * tiles * (channels + out_channels) * x.itemsize
-    step = max(1, min(batch, IM2COL_BUDGET_BYTES // per_image))
+    tiles_h, tiles_w, tiles, step, x_nhwc = _tiling(x, out_h, out_w, out_channels, m)
     v = memory.empty((alpha * alpha, step * tiles, channels), x.dtype)
     mm = memory.empty((alpha * alpha, step * tiles, out_channels), x.dtype)
-    x_nhwc = memory.empty((batch, height, width, channels), x.dtype)
-    to_channels_last(x, x_nhwc)
     y = memory.empty((batch, out_channels, out_h, out_w), x.dtype)
     zeros = np.zeros(out_channels, x.dtype) if bias is None else bias
     for start in range(0, batch, step):
@@ -304,14 +310,9 @@ def winograd_conv2d_backward_weight(grad_out, x, pad_h, pad_w, m=4):
     a_t, g, b_t = transform_matrices(3, m)
     a_t, g, b_t = (t.astype(x.dtype) for t in (a_t, g, b_t))
     alpha = m + 2
-    tiles_h, tiles_w = -(-out_h // m), -(-out_w // m)
-    tiles = tiles_h * tiles_w
-    per_image = alpha * alpha * tiles * (channels + out_channels) * x.itemsize
-    step = max(1, min(batch, IM2COL_BUDGET_BYTES // per_image))
+    tiles_h, tiles_w, tiles, step, x_nhwc = _tiling(x, out_h, out_w, out_channels, m)
     v = memory.empty((alpha * alpha, step * tiles, channels), x.dtype)
     u = memory.empty((alpha * alpha, step * tiles, out_channels), x.dtype)
-    x_nhwc = memory.empty((batch, height, width, channels), x.dtype)
-    to_channels_last(x, x_nhwc)
     g_nhwc = memory.empty((batch, out_h, out_w, out_channels), x.dtype)
     to_channels_last(grad_out, g_nhwc)
     summed = np.zeros((alpha * alpha, out_channels, channels), x.dtype)

@@ -458,7 +458,8 @@ class Conv2d(Module):
         elif self.groups == 1:
             grad_x = self.kernels.conv2d_backward_input(grad_out, self.weight.data, height, width, *stride, *pads)
         elif self._depthwise():
-            grad_x = self.kernels.depthwise_conv2d_backward_input(grad_out, self.weight.data, height, width, *stride, *pads)
+            grad_x = self.kernels.depthwise_conv2d_backward_input(grad_out, self.weight.data, height, width, *stride,
+                                                                  *pads)
         else:
             grad_x = np.concatenate([self.kernels.conv2d_backward_input(np.ascontiguousarray(grad_out[:, go]),
                                                                    self.weight.data[go], height, width, *stride,
