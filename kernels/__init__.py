@@ -52,6 +52,12 @@ from .winograd import (
 
 
 
+#: Kernels with no numba.cuda twin: nn.Conv2d finds them missing on the "cuda" table and runs its
+#: 3x3 convolutions by im2col there (the GPU products are tiled kernels, not BLAS calls).
+CPU_ONLY = ("winograd_conv2d_backward_input", "winograd_conv2d_backward_weight", "winograd_conv2d_forward",
+            "winograd_filters")
+
+
 def for_device(device):
     """The kernel table for "cpu" (this package) or "cuda" (npanomaly.kernels.cuda, same names)."""
     if device == "cpu":
