@@ -389,7 +389,7 @@ class ShardedBank:
         self.client, self.shape, self.dtype = client, bank.shape, bank.dtype
         self.offsets = bounds[:-1].tolist()
         pieces = [bank[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-        self.shards = [client.scatter(piece, workers=[workers[i % len(workers)]], direct=True)
+        self.shards = [client.scatter(piece, workers=[workers[i % len(workers)]], hash=False)
                        for i, piece in enumerate(pieces)]
 
     def __enter__(self):
@@ -415,7 +415,9 @@ class ShardedBank:
         queries = np.ascontiguousarray(queries, dtype=self.dtype)
         if queries.ndim != 2 or queries.shape[1] != self.shape[1]:
             raise ValueError(f"queries must be [Q, {self.shape[1]}], got shape {queries.shape}")
-        return self._search_future(self.client.scatter(queries), k)
+        # hash=False: a repeated query block would share a key with the last one, whose release races
+        # with this call and loses the data ("lost dependencies")
+        return self._search_future(self.client.scatter(queries, hash=False), k)
 
     def rows(self, indices):
         """Bank rows [len(indices), D] in the order of indices."""
