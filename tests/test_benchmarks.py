@@ -18,6 +18,7 @@ CASES = [
     ("bench_backbones.py", ["--batch", "1", "--size", "64", "--repeats", "1"], "resnet18", ["torch"]),
     ("bench_patchcore.py", ["--quick", "--repeats", "1", "--coreset-steps", "20"], "greedy coreset", ["torch"]),
     ("bench_quality.py", ["--size", "32"], "PatchCore", []),
+    ("bench_quality.py", ["--hard", "--size", "32", "--seeds", "3"], "mean (min-max)", []),
     ("bench_threads.py", ["--rounds", "1", "--steps", "1", "--batch", "1", "--size", "32", "--start-delay", "4"],
      "two processes sharing the machine", ["torch"]),
     ("bench_scale.py", ["--sizes", "6", "12", "--in-memory-up-to", "6", "--backbones", "seed"], "seed  ", []),
