@@ -48,9 +48,9 @@ def test_hard_defects_change_only_their_mask_and_stay_subtle(kind):
         changed = np.abs(defective - image).max(axis=0) > 0
         assert mask.any() and changed[mask].mean() > 0.5, (style, kind)
         assert not changed[~mask].any(), (style, kind)
-        # subtle: the defect's mean colour stays within 0.12 of what was there (the legacy
-        # defects paint black holes, 0.4-0.9 away)
-        assert np.abs(defective[:, mask].mean(axis=1) - image[:, mask].mean(axis=1)).max() < 0.12, (style, kind)
+        # subtle: the defect's mean colour stays within 0.25 of what was there (at most 35% of a
+        # bright sand pixel on a 1-2 pixel line; the legacy defects paint holes 0.4-0.9 away)
+        assert np.abs(defective[:, mask].mean(axis=1) - image[:, mask].mean(axis=1)).max() < 0.25, (style, kind)
 
 
 def test_unknown_hard_defect_is_named():
