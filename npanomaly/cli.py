@@ -93,6 +93,10 @@ def _make_model(name, args):
     return model
 
 
+RANDOM_TEACHER_NOTE = ("note: this Student-Teacher has the seed's random teacher; on real images it is about as good "
+                       "as chance (README: Results). Use a pretrained teacher: --backbone efficientnet_lite0")
+
+
 def _check_size(size, model, option="--size"):
     """The square image size for a model: refused before any image is read or any array allocated."""
     return model.check_image_size((size, size), option)
@@ -172,12 +176,15 @@ def command_demo(args):
         print(f"{style:<10} {name:<16} {table['image AUROC']:>11.3f} {table['pixel AUROC']:>11.3f} "
               f"{table['AUPRO (FPR <= 0.3)']:>7.3f} {fit_s:>7.1f} {n / predict_s:>13.1f}")
     print(f"report: {report}\ndata (MVTec AD layout): {os.path.join(args.out, 'data')}")
+    print(RANDOM_TEACHER_NOTE.replace("this Student-Teacher has", "the demo's Student-Teacher has"))
     return 0
 
 
 def command_fit(args):
     model = _make_model(args.model, args)  # first: a bad backbone or weights file fails before any image loads
     size = _check_size(args.size, model)
+    if isinstance(model, npanomaly.StudentTeacher) and model.backbone_name == "seed":
+        print(RANDOM_TEACHER_NOTE, file=sys.stderr)
     dataset = open_dataset(args.data)
     check_output(args.out, "--out", inputs=_dataset_files(dataset) + ([args.weights] if args.weights else []),
                  is_ours=is_model_file, kind="npanomaly model", force=args.force)

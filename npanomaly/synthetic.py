@@ -134,7 +134,7 @@ def add_hard_defect(image, kind, rng):
     detail is gone, colours and noise stay);
     faint_scratch: a line 1.4-2 pixels wide, 25-35% brighter or darker;
     faint_stain: a blob whose colour moves 28-38% of the way toward a brown tint.
-    (Strengths chosen on the training seeds 0-2 so that PatchCore with EfficientNet-Lite0 finds
+    (Strengths chosen on the training seeds 0 and 1 so that PatchCore with EfficientNet-Lite0 finds
     each kind sometimes but not always; benchmarks/bench_quality.py --hard.)
     """
     _, height, width = image.shape

@@ -22,6 +22,16 @@ def grid_data(tmp_path_factory):
     return synthetic.write_mvtec(root, category)
 
 
+def test_a_random_teacher_is_called_what_it_is(grid_data, tmp_path, capsys):
+    out = tmp_path / "st.npz"
+    assert main(["fit", grid_data, "--model", "student-teacher", "--size", "32", "--epochs", "1", "--out", str(out),
+                 "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "random teacher" in err and "--backbone efficientnet_lite0" in err
+    assert main(["fit", grid_data, "--size", "32", "--out", str(tmp_path / "pc.npz"), "--quiet"]) == 0
+    assert "random teacher" not in capsys.readouterr().err
+
+
 def test_fit_predict_eval(grid_data, tmp_path, capsys):
     model = tmp_path / "model.npz"
     assert main(["fit", grid_data, "--size", "32", "--out", str(model), "--quiet"]) == 0
