@@ -184,7 +184,7 @@ def command_fit(args):
     model = _make_model(args.model, args)  # first: a bad backbone or weights file fails before any image loads
     size = _check_size(args.size, model)
     if isinstance(model, npanomaly.StudentTeacher) and model.backbone_name == "seed":
-        print(RANDOM_TEACHER_NOTE, file=sys.stderr)
+        _say(args, RANDOM_TEACHER_NOTE)  # with the progress output: --quiet keeps stderr for errors alone
     dataset = open_dataset(args.data)
     check_output(args.out, "--out", inputs=_dataset_files(dataset) + ([args.weights] if args.weights else []),
                  is_ours=is_model_file, kind="npanomaly model", force=args.force)

@@ -24,12 +24,15 @@ def grid_data(tmp_path_factory):
 
 def test_a_random_teacher_is_called_what_it_is(grid_data, tmp_path, capsys):
     out = tmp_path / "st.npz"
-    assert main(["fit", grid_data, "--model", "student-teacher", "--size", "32", "--epochs", "1", "--out", str(out),
-                 "--quiet"]) == 0
+    assert main(["fit", grid_data, "--model", "student-teacher", "--size", "32", "--epochs", "1", "--out",
+                 str(out)]) == 0
     err = capsys.readouterr().err
     assert "random teacher" in err and "--backbone efficientnet_lite0" in err
-    assert main(["fit", grid_data, "--size", "32", "--out", str(tmp_path / "pc.npz"), "--quiet"]) == 0
+    assert main(["fit", grid_data, "--size", "32", "--out", str(tmp_path / "pc.npz")]) == 0
     assert "random teacher" not in capsys.readouterr().err
+    assert main(["fit", grid_data, "--model", "student-teacher", "--size", "32", "--epochs", "1", "--out",
+                 str(out), "--quiet"]) == 0
+    assert capsys.readouterr().err == ""  # --quiet: stderr is for errors alone
 
 
 def test_fit_predict_eval(grid_data, tmp_path, capsys):
