@@ -104,22 +104,19 @@ class Detector:
         """
         if isinstance(images, sources.SOURCES):
             return images  # already checked by the caller
+        if isinstance(images, np.ndarray):
+            return sources.ArraySource(self._check_images(images, name, fitting))
         if size is not None:
             size = self.check_image_size(pair(size, "size"), "size")
         elif not fitting or self.image_size_ is not None:
             size = self.image_size_
-        source = sources.as_source(images, name, self.in_channels, size)
-        if isinstance(source, sources.ArraySource):
-            source = sources.ArraySource(self._check_images(images, name, fitting))
-        return source
+        return sources.as_source(images, name, self.in_channels, size)
 
     def _batches(self, source, name="images", fitting=False, batch_size=None):
-        """Checked float32 batches of batch_size images from a source (or an array); before each, the
+        """Checked float32 batches of batch_size images from a source (see _source); before each, the
         thread pools take only the cores other processes leave free (threads.share_cores), and get
         them all back at the end. A source's images must all have one size (the first batch's when
         fitting, else the fitted one)."""
-        if isinstance(source, np.ndarray):
-            source = sources.ArraySource(source)
         checked = isinstance(source, sources.ArraySource)
         expected = source.image_size if fitting else self.image_size_
         count = 0
