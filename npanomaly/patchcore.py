@@ -21,7 +21,7 @@ from npanomaly._validation import (MAX_BLUR_SIGMA, MAX_NEIGHBORS, MAX_WIDTH, che
                                    check_nonnegative_float, check_positive_int, check_state)
 from npanomaly.detector import Detector, register
 from npanomaly.maps import upsample_and_blur
-from npanomaly.search import StreamingProjection, greedy_coreset, greedy_select, knn, random_projection
+from npanomaly.search import StreamingProjection, greedy_select, knn, random_projection
 from npanomaly.spill import SPILL_ABOVE_BYTES, FeatureSpill, MemoryFeatures
 
 DEFAULT_LAYERS = {"seed": ("block2", "block3"), "efficientnet_lite0": ("stride8", "stride16"),
@@ -245,9 +245,10 @@ class PatchCore(Detector):
     @contextlib.contextmanager
     def _collect_features(self, source, spill="auto", spill_dir=None, name="normal_images"):
         """Extract every patch feature of a source into a MemoryFeatures or FeatureSpill (by the rule
-        of fit's docstring); with a spill and a greedy sampler the rows are also projected as they
-        arrive. Yields a _Collected(store, projection or None, image_size); the store (and its file)
-        is released when the block ends."""
+        of fit's docstring); for the projected greedy sampler the rows are also projected as they
+        arrive, wherever they wait (one code path, so both give the same coreset). Yields a
+        _Collected(store, projection or None, image_size); the store (and its file) is released
+        when the block ends."""
         dim = self.feature_size
         matrix = random_projection(dim, self.projection_dim, self.seed) if self.sampler == "greedy" else None
         collected = _Collected(None, None, None)
@@ -259,7 +260,7 @@ class PatchCore(Detector):
                     collected.image_size = batch.shape[2:]
                     collected.store = stack.enter_context(
                         self._feature_store(source.n_images, rows.shape[0] // batch.shape[0], spill, spill_dir))
-                    if collected.store.spilled and matrix is not None:
+                    if matrix is not None:
                         collected.projection = StreamingProjection(matrix, collected.store.expected_rows)
                 collected.store.append(rows)
                 if collected.projection is not None:
@@ -268,14 +269,12 @@ class PatchCore(Detector):
             yield collected
 
     def _greedy_rows(self, collected, n_select):
-        """The greedy coreset's row indices among the collected features (greedy_coreset's rule)."""
+        """The greedy coreset's row indices among the collected features (greedy_coreset's rule: on
+        the projected rows, or on the features themselves when there is no projection)."""
+        points = collected.store.array() if collected.projection is None else collected.projection.finish()
         threads.share_cores()
         try:
-            if collected.projection is not None:
-                return greedy_select(collected.projection.finish(), n_select, start=0, progress=self.show_progress,
-                                     device=self.device)
-            return greedy_coreset(collected.store.array(), n_select, projection_dim=self.projection_dim, start=0,
-                                  seed=self.seed, progress=self.show_progress, device=self.device)
+            return greedy_select(points, n_select, start=0, progress=self.show_progress, device=self.device)
         finally:
             threads.restore_cores()
 

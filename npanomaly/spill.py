@@ -36,8 +36,6 @@ def _npy_header(rows, dim):
 class MemoryFeatures:
     """Patch features [N, D] float32 in memory: one array when N is known, else parts joined at the end."""
 
-    spilled = False
-
     def __init__(self, dim, expected_rows=None):
         self.dim, self.rows, self.expected_rows = dim, 0, expected_rows
         self._array = None if expected_rows is None else np.empty((expected_rows, dim), np.float32)
@@ -79,8 +77,6 @@ class FeatureSpill:
             anything is written when it is not a writable folder, or when ``expected_rows`` rows
             would not fit its free space.
     """
-
-    spilled = True
 
     def __init__(self, dim, folder=None, expected_rows=None):
         folder = tempfile.gettempdir() if folder is None else os.fspath(folder)
