@@ -19,12 +19,14 @@ class Progress:
         self.done = 0
         self.start = time.perf_counter()
         self.last_draw = 0.0
+        self.drawn = False
 
     def update(self, n=1):
         self.done = self.done + n if self.total is None else min(self.total, self.done + n)
         now = time.perf_counter()
         if self.enabled and (now - self.last_draw > 0.1 or self.done == self.total):
             self.last_draw = now
+            self.drawn = True
             if self.total is None:
                 self.stream.write(f"\r{self.label:<22} {self.done} {now - self.start:6.1f} s")
             else:
@@ -37,6 +39,6 @@ class Progress:
         return self
 
     def __exit__(self, *exc):
-        if self.enabled:
+        if self.drawn:  # a bar that never drew (the first step failed) leaves no empty line before the error
             self.stream.write("\n")
             self.stream.flush()

@@ -26,13 +26,14 @@ def _say(args, message):
         print(message, file=sys.stderr, flush=True)
 
 
-def _scores_and_maps(model, images, paths=None, client=None):
-    """model.scores_and_maps(images), or on the cluster from the files when there is one."""
-    if client is None:
-        return model.scores_and_maps(images)
-    from npanomaly import distributed
+def _scores_and_maps(model, paths, client=None, images=None):
+    """Scores and maps of the image files: on the cluster when there is one, else here from images
+    when the caller already holds them, else streamed from the files at the fitted size."""
+    if client is not None:
+        from npanomaly import distributed
 
-    return distributed.scores_and_maps(model, list(paths), client, size=model.image_size_)
+        return distributed.scores_and_maps(model, list(paths), client, size=model.image_size_)
+    return model.scores_and_maps(list(paths) if images is None else images)
 
 
 @contextlib.contextmanager
@@ -71,7 +72,7 @@ def _cluster(args):
 def _evaluate(model, images, labels, masks, paths=None, client=None):
     """Scores, maps and the metrics table of a fitted model on a labelled test set."""
     start = time.perf_counter()
-    scores, maps = _scores_and_maps(model, images, paths, client)
+    scores, maps = _scores_and_maps(model, paths, client, images)
     predict_s = time.perf_counter() - start
     table = {"image AUROC": metrics.auroc(scores, labels)}
     if masks is not None and masks.any():
@@ -209,9 +210,9 @@ def command_predict(args):
         heatmaps = [os.path.join(args.heatmaps, name) for name in _heatmap_names(args.images)]
         for path in heatmaps:  # files named *_heatmap.png are ours to replace, never an input or the model
             check_output(path, "--heatmaps", inputs=[args.model] + list(args.images), is_ours=lambda _: True)
-    images = load_images(args.images, model.image_size_)
     with _cluster(args) as client:
-        scores, maps = _scores_and_maps(model, images, args.images, client)
+        scores, maps = _scores_and_maps(model, args.images, client)
+    images = load_images(args.images, model.image_size_) if heatmaps else None  # for the overlays only
     results = [npanomaly.AnomalyResult(float(s), bool(s > model.threshold), m) for s, m in zip(scores, maps)]
     if heatmaps:
         low = min(float(r.heatmap.min()) for r in results)
