@@ -47,7 +47,7 @@ except ImportError as error:  # pragma: no cover - the message is the point
 
 from npanomaly import search
 from npanomaly._progress import Progress
-from npanomaly._validation import check_fraction, check_positive_int, pair
+from npanomaly._validation import check_fitted, check_fraction, check_positive_int, pair
 from npanomaly.detector import Detector
 from npanomaly.patchcore import PatchCore, nearest_other_threshold, reweighted_scores
 from npanomaly.maps import upsample_and_blur
@@ -177,8 +177,7 @@ def _local_coreset(name, images, size, total_select, local_ratio, spill_dir):
     """On a worker: extract one partition's patch features and return its local greedy coreset
     (rows [k_i, D], the partition's image size, its number of rows)."""
     model = _worker_model(name)
-    source = model._source(np.asarray(images) if not isinstance(images, list) else images, "images", size,
-                           fitting=True)
+    source = model._source(images, "images", size, fitting=True)
     with model._collect_features(source, "auto", spill_dir, name="images") as collected:
         rows = collected.store.rows
         n_select = min(rows, total_select) if local_ratio is None else max(1, min(rows, int(rows * local_ratio)))
@@ -246,14 +245,12 @@ def fit(model, images, client=None, *, size=None, coreset_ratio=0.1, local_ratio
 # ----------------------------------------------------------------- scoring
 def _score_partition(name, images, size, want_maps):
     model = _worker_model(name)
-    images = np.asarray(images) if not isinstance(images, list) else images
     return model._stream(images, want_maps, size=size)
 
 
 def _partition_features(name, images, size):
     """On a worker, for a sharded bank: a partition's patch features [n, h, w, D] (kept there)."""
     model = _worker_model(name)
-    images = np.asarray(images) if not isinstance(images, list) else images
     source = model._source(images, "images", size)
     return np.concatenate([model._patch_features(batch) for batch in model._batches(source)])
 
@@ -267,8 +264,7 @@ def scores_and_maps(model, images, client=None, *, size=None, want_maps=True, ba
     """
     if not isinstance(model, Detector):
         raise TypeError(f"model must be a fitted npanomaly detector, got {type(model).__name__}")
-    if model.threshold_ is None:
-        raise RuntimeError(f"{type(model).__name__} is not fitted yet: call fit() (or load a saved model) first")
+    check_fitted(model, model._fitted_attribute)
     client = _client(client)
     if bank is not None:
         parts, _, _ = _partitions(images, model.batch_size, None, client, size or model.image_size_,
