@@ -65,7 +65,7 @@ def child(args):
 
     st = npanomaly.StudentTeacher.default_rgb()
     images = np.random.default_rng(0).random((args.batch, 3, args.size, args.size), dtype=np.float32)
-    st._calibrate_teacher(images)
+    st._calibrate_teacher(st._source(images, "images", fitting=True))
     st.train()
     optimizer = optim.Adam(st.student_parameters(), lr=1e-3)
     for _ in range(2):
