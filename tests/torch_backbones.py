@@ -39,23 +39,36 @@ class MBConv(nn.Module):
         return h + x if self.skip else h
 
 
-class Lite0(nn.Module):
-    STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80), (3, 5, 1, 6, 112),
-              (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))
+class Lite(nn.Module):
+    """EfficientNet-Lite0..4 from the published per-stage tables (repeats, kernel, stride, expand,
+    output channels), written out by hand rather than derived with the scaling rule under test."""
 
-    def __init__(self):
+    TABLES = {
+        "efficientnet_lite0": ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
+                               (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320)),
+        "efficientnet_lite1": ((1, 3, 1, 1, 16), (3, 3, 2, 6, 24), (3, 5, 2, 6, 40), (4, 3, 2, 6, 80),
+                               (4, 5, 1, 6, 112), (5, 5, 2, 6, 192), (1, 3, 1, 6, 320)),
+        "efficientnet_lite2": ((1, 3, 1, 1, 16), (3, 3, 2, 6, 24), (3, 5, 2, 6, 48), (4, 3, 2, 6, 88),
+                               (4, 5, 1, 6, 120), (5, 5, 2, 6, 208), (1, 3, 1, 6, 352)),
+        "efficientnet_lite3": ((1, 3, 1, 1, 24), (3, 3, 2, 6, 32), (3, 5, 2, 6, 48), (5, 3, 2, 6, 96),
+                               (5, 5, 1, 6, 136), (6, 5, 2, 6, 232), (1, 3, 1, 6, 384)),
+        "efficientnet_lite4": ((1, 3, 1, 1, 24), (4, 3, 2, 6, 32), (4, 5, 2, 6, 56), (6, 3, 2, 6, 112),
+                               (6, 5, 1, 6, 160), (8, 5, 2, 6, 272), (1, 3, 1, 6, 448)),
+    }
+
+    def __init__(self, name="efficientnet_lite0"):
         super().__init__()
         self._conv_stem = SameConv(3, 32, 3, 2, bias=False)
         self._bn0 = nn.BatchNorm2d(32, eps=1e-3)
         blocks, c_in = [], 32
         self.taps = []
-        for repeats, kernel, stride, expand, c_out in self.STAGES:
+        for repeats, kernel, stride, expand, c_out in self.TABLES[name]:
             for r in range(repeats):
                 blocks.append(MBConv(c_in, c_out, expand, kernel, stride if r == 0 else 1))
                 c_in = c_out
             self.taps.append(len(blocks) - 1)
         self._blocks = nn.ModuleList(blocks)
-        self._conv_head = nn.Conv2d(320, 1280, 1, bias=False)
+        self._conv_head = nn.Conv2d(c_in, 1280, 1, bias=False)
         self._bn1 = nn.BatchNorm2d(1280, eps=1e-3)
         self._fc = nn.Linear(1280, 1000)
 
