@@ -2,9 +2,10 @@
 
     python benchmarks/bench_backbones.py [--threads 2] [--repeats 5] [--batch 8] [--size 224]
 
-EfficientNet-Lite0 (up to its stride-16 stage and whole, as PatchCore and a classifier use it) and
-ResNet-18 (up to layer3 and whole) and wide_resnet50_2 up to layer3 (PatchCore's layer2 + layer3
-extraction, the paper's configuration) on a batch of 8 RGB 224x224 images, eval mode, random weights
+EfficientNet-Lite0 (up to its stride-16 stage and whole, as PatchCore and a classifier use it), Lite1
+and Lite2 up to stride16, ResNet-18 (up to layer3 and whole) and wide_resnet50_2 up to layer3
+(PatchCore's layer2 + layer3 extraction, the paper's configuration) on a batch of 8 RGB 224x224
+images, eval mode, random weights
 (speed does not depend on them): npanomaly vs torch (the same architecture written in torch with
 the checkpoint's names, tests/torch_backbones.py). Ratio = npanomaly / torch, medians of runs timed in
 turns after a warm-up.
@@ -43,11 +44,13 @@ def main():
     torch.set_num_threads(ARGS.threads)
     images = np.random.default_rng(0).random((ARGS.batch, 3, ARGS.size, ARGS.size), dtype=np.float32)
     print(f"threads={ARGS.threads} batch={ARGS.batch}x3x{ARGS.size}x{ARGS.size} torch={torch.__version__}")
-    cases = (("efficientnet_lite0", tb.Lite0(), ("stride16", "head")),
+    cases = [("efficientnet_lite0", tb.Lite("efficientnet_lite0"), ("stride16", "head")),
+             ("efficientnet_lite1", tb.Lite("efficientnet_lite1"), ("stride16",)),
+             ("efficientnet_lite2", tb.Lite("efficientnet_lite2"), ("stride16",)),
              ("resnet18", tb.ResNet(False, (2, 2, 2, 2)), ("layer3", "layer4")),
-             ("wide_resnet50_2", tb.ResNet(True, (3, 4, 6, 3), 2), ("layer3",)))
+             ("wide_resnet50_2", tb.ResNet(True, (3, 4, 6, 3), 2), ("layer3",))]
     if ARGS.skip_wide:
-        cases = cases[:2]
+        cases = cases[:-1]
     for name, twin, stages in cases:
         tb.randomise(twin, seed=0)
         ours = backbones.build(name, twin.state_dict())
