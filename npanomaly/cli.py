@@ -290,9 +290,10 @@ def build_parser():
     fit.add_argument("--size", type=int, default=128, help="images are resized to SIZE x SIZE (default %(default)s)")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--coreset-ratio", type=float, default=0.1)
-    fit.add_argument("--epochs", type=int, default=30)
-    fit.add_argument("--batch-size", type=int, default=8)
-    fit.add_argument("--lr", type=float, default=1e-3)
+    fit.add_argument("--epochs", type=int, help="Student-Teacher epochs (default: the teacher's recipe, 30 for the "
+                                                "seed nets, 100 for a pretrained teacher)")
+    fit.add_argument("--batch-size", type=int, help="Student-Teacher batch size (default: 8 / 32, as --epochs)")
+    fit.add_argument("--lr", type=float, help="Student-Teacher learning rate (default: Adam's 1e-3 / SGD's 0.4)")
     fit.add_argument("--students", type=int, default=1,
                      help="Student-Teacher: an ensemble of this many students, scored by regression error plus "
                           "predictive variance (Uninformed Students); default %(default)s")

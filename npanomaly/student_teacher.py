@@ -45,6 +45,9 @@ from npanomaly.maps import upsample_and_blur
 
 NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize's default
 MAX_STUDENTS = 64
+# fit()'s defaults, by teacher; chosen on the hard benchmark's training seeds (docs/quality.md)
+RECIPES = {"seed": dict(epochs=30, batch_size=8, lr=1e-3, optimizer="adam", weight_decay=0.0),
+           "stfpm": dict(epochs=100, batch_size=32, lr=0.4, optimizer="sgd", weight_decay=1e-4)}
 DEFAULT_STAGES = {"seed": ("block1", "block2"),
                   **{name: ("stride4", "stride8", "stride16") for name in backbones.LITES},
                   "resnet18": ("layer1", "layer2", "layer3"), "resnet50": ("layer1", "layer2", "layer3"),
@@ -209,9 +212,19 @@ class StudentTeacher(Detector):
         return float(np.mean(losses))
 
     # ----------------------------------------------------------------- fit
-    def fit(self, normal_images, epochs=30, batch_size=8, lr=1e-3, optimizer="adam", seed=0, validation=None,
-            quantile=0.99, warm_start=False, verbose=True, *, size=None, weight_decay=0.0):
+    def recipe(self):
+        """The training recipe fit() uses for what it is not given: RECIPES["stfpm"] (STFPM's: SGD,
+        lr 0.4, momentum 0.9, weight decay 1e-4, 100 epochs, batches of 32) with a pretrained
+        teacher, RECIPES["seed"] (Adam, lr 1e-3, 30 epochs, batches of 8) with the seed nets."""
+        return dict(RECIPES["seed" if self.backbone_name == "seed" else "stfpm"])
+
+    def fit(self, normal_images, epochs=None, batch_size=None, lr=None, optimizer=None, seed=0, validation=None,
+            quantile=0.99, warm_start=False, verbose=True, *, size=None, weight_decay=None):
         """Train the student on normal images and set the threshold.
+
+        epochs, batch_size, lr, optimizer ("adam" or "sgd", momentum 0.9), weight_decay (L2,
+        torch's rule): None takes the value of ``self.recipe()``, which depends on the teacher
+        (docs/quality.md says how both recipes were chosen on the hard benchmark).
 
         normal_images (and validation): an array [N, C, H, W] in [0, 1], or a source read one batch
         at a time: a list of image files with ``size=``, a data.Dataset, a data.ImageFiles or any
@@ -219,9 +232,8 @@ class StudentTeacher(Detector):
         ``seed``): each epoch draws a new permutation of all images and reads one batch of them at
         a time, so files are reshuffled across the whole set and the same images as an array or as
         files train the same student. A generic re-iterable of batches has no random access and is
-        read in its own order (shuffle it yourself). Adam (or ``optimizer="sgd"``: momentum 0.9;
-        both with L2 ``weight_decay``, torch's rule),
-        one progress line per epoch on stderr (loss, held-out loss, images/s) unless
+        read in its own order (shuffle it yourself). One progress line per epoch on stderr (loss,
+        held-out loss, images/s) unless
         ``verbose=False``. ``validation``: held-out normal images; their loss is reported each epoch
         and the threshold becomes the ``quantile`` of their scores. Without them the threshold is the
         quantile of the training images' scores (a student that fits its training set well makes
@@ -233,6 +245,10 @@ class StudentTeacher(Detector):
         optimizer state and the histories are then put back as they were before this call, so a
         diverged fit never leaves (or lets anyone save) a NaN model.
         """
+        given = dict(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay)
+        recipe = {**self.recipe(), **{k: v for k, v in given.items() if v is not None}}
+        epochs, batch_size, lr = recipe["epochs"], recipe["batch_size"], recipe["lr"]
+        optimizer, weight_decay = recipe["optimizer"], recipe["weight_decay"]
         epochs = check_positive_int(epochs, "epochs")
         batch_size = check_positive_int(batch_size, "batch_size")
         lr = check_nonnegative_float(lr, "lr")

@@ -277,3 +277,20 @@ def test_n_students_is_checked():
                                 (1000, ValueError, "n_students must be <= 64")):
         with pytest.raises(error, match=match):
             StudentTeacher(feature_dim=8, n_students=value)
+
+
+def test_fit_takes_what_it_is_not_given_from_the_teachers_recipe():
+    from npanomaly.student_teacher import RECIPES
+
+    images = textures(6, size=(32, 32))
+    seed_st = StudentTeacher(feature_dim=8)
+    assert seed_st.recipe() == RECIPES["seed"] and RECIPES["seed"]["optimizer"] == "adam"
+    seed_st.fit(images, epochs=1, verbose=False)
+    assert isinstance(seed_st.optimizer_, optim.Adam) and seed_st.optimizer_.lr == RECIPES["seed"]["lr"]
+    stfpm = StudentTeacher(backbone="efficientnet_lite0", weights="random", stages=("stride4", "stride8"))
+    assert stfpm.recipe() == RECIPES["stfpm"]
+    stfpm.fit(images, epochs=1, verbose=False)
+    assert isinstance(stfpm.optimizer_, optim.SGD)
+    assert (stfpm.optimizer_.lr, stfpm.optimizer_.momentum, stfpm.optimizer_.weight_decay) == (0.4, 0.9, 1e-4)
+    stfpm.fit(images, epochs=1, lr=0.1, weight_decay=0.0, warm_start=True, verbose=False)  # given values win
+    assert (stfpm.optimizer_.lr, stfpm.optimizer_.weight_decay) == (0.1, 0.0)
