@@ -1,5 +1,5 @@
 """Pretrained backbones without torch: the checkpoint reader, the architectures against torch twins,
-the new layers' gradients, and the real EfficientNet-Lite0 weights."""
+the new layers' gradients, and the real EfficientNet-Lite0, -Lite1 and -Lite2 weights."""
 
 import os
 import pickle
@@ -246,6 +246,20 @@ def test_patchcore_with_lite0_beats_the_random_backbone_on_a_stochastic_texture(
         model = PatchCore(backbone=backbone).fit(category.train)
         results[backbone] = metrics.auroc(model.score_samples(category.test), category.labels)
     assert results["efficientnet_lite0"] >= 0.95 and results["efficientnet_lite0"] >= results["seed"] + 0.05
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_each_pretrained_configuration_detects_obvious_defects(name):
+    """PatchCore and STFPM with each installed Lite, at their defaults (STFPM's recipe, fewer epochs)."""
+    lite_or_skip(name)
+    from textures import auroc, textures, with_defects
+
+    normal, good = textures(16, size=(64, 64), seed=0), textures(6, size=(64, 64), seed=100)
+    bad, _ = with_defects(textures(6, size=(64, 64), seed=200))
+    patchcore = PatchCore(backbone=name).fit(normal)
+    assert auroc(patchcore.score_samples(good), patchcore.score_samples(bad)) >= 0.9, "PatchCore"
+    stfpm = StudentTeacher(backbone=name).fit(normal, epochs=15, verbose=False)
+    assert auroc(stfpm.score_samples(good), stfpm.score_samples(bad)) >= 0.9, "STFPM"
 
 
 def test_pretrained_teacher_student_round_trip(tmp_path):
