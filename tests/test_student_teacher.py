@@ -273,7 +273,8 @@ def test_ensemble_detects_round_trips_and_rejects_damaged_statistics(tmp_path):
 
 
 def test_n_students_is_checked():
-    for value, error, match in ((0, ValueError, "n_students must be >= 1"), (1.5, TypeError, "n_students must be an int"),
+    for value, error, match in ((0, ValueError, "n_students must be >= 1"),
+                                (1.5, TypeError, "n_students must be an int"),
                                 (1000, ValueError, "n_students must be <= 64")):
         with pytest.raises(error, match=match):
             StudentTeacher(feature_dim=8, n_students=value)
