@@ -11,8 +11,8 @@ squared difference of the last feature maps; score = sqrt(mean squared differenc
 ``multiscale=True`` follows STFPM (Wang et al. 2021): the student has the teacher's architecture,
 both nets' features after every stage are L2-normalised over channels, the per-layer losses
 0.5 * |t/|t| - s/|s||^2 (the paper's Eq. 1, Sec. 3.2; averaged over positions and images) are
-summed, and the per-layer maps, upsampled to the input size, are multiplied (Sec. 3.3); the image
-score is the map's maximum.
+summed, and the per-layer maps, upsampled to the input size, are multiplied (the paper's anomaly
+map); the image score is the map's maximum.
 
 ``n_students=M > 1`` is the ensemble of "Uninformed Students" (Bergmann et al., CVPR 2020, Sec.
 3.3-3.4): M students from their own random starts regress the same teacher, and at every position
