@@ -88,10 +88,11 @@ def _worker_model(name):
 
 
 class _ModelOnWorkers:
-    """``with _ModelOnWorkers(client, model, fitted):`` registers the plugin, removes it at the end."""
+    """``with _ModelOnWorkers(client, model, fitted, what):`` registers the plugin, removes it at
+    the end; ``what`` names the step in the error when a worker dies while the model is sent."""
 
-    def __init__(self, client, model, fitted, bank=True):
-        self.client, self.name = client, f"npanomaly-model-{uuid.uuid4().hex}"
+    def __init__(self, client, model, fitted, what, bank=True):
+        self.client, self.name, self.what = client, f"npanomaly-model-{uuid.uuid4().hex}", what
         if fitted:
             arrays = model._arrays()
             if not bank:
@@ -104,7 +105,12 @@ class _ModelOnWorkers:
         self.plugin = plugin
 
     def __enter__(self):
-        self.client.register_plugin(self.plugin, name=self.name)
+        try:
+            self.client.register_plugin(self.plugin, name=self.name)
+        except OSError as error:  # distributed's CommClosedError: a worker died during the broadcast
+            self.__exit__()
+            raise RuntimeError(f"{self.what} failed: a worker died while the model was being sent to the "
+                               f"workers ({error}); nothing was kept") from error
         return self.name
 
     def __exit__(self, *exc):
@@ -229,7 +235,7 @@ def fit(model, images, client=None, *, size=None, coreset_ratio=0.1, local_ratio
     probe = model._patch_features(np.zeros((1, model.in_channels) + image_size, np.float32))
     total_rows = count * probe.shape[1] * probe.shape[2]
     total_select = max(1, int(total_rows * coreset_ratio))
-    with _ModelOnWorkers(client, model, fitted=False) as name:
+    with _ModelOnWorkers(client, model, fitted=False, what="local coresets") as name:
         tasks = [dask.delayed(_local_coreset, pure=False)(name, part, size, total_select, local_ratio, spill_dir)
                  for part in parts]
         local = _gather(client, client.compute(tasks), "local coresets", model.show_progress)
@@ -271,7 +277,7 @@ def scores_and_maps(model, images, client=None, *, size=None, want_maps=True, ba
                                   max_images=SHARDED_PIECE_BATCHES * model.batch_size)
         return _scores_with_shards(model, parts, client, size, want_maps, bank)
     parts, _, _ = _partitions(images, model.batch_size, None, client, size or model.image_size_)
-    with _ModelOnWorkers(client, model, fitted=True) as name:
+    with _ModelOnWorkers(client, model, fitted=True, what="distributed scoring") as name:
         tasks = [dask.delayed(_score_partition, pure=False)(name, part, size, want_maps) for part in parts]
         results = _gather(client, client.compute(tasks), "distributed scoring", model.show_progress)
     scores = np.concatenate([s for s, _ in results])
@@ -303,7 +309,7 @@ def _scores_with_shards(model, parts, client, size, want_maps, bank):
         raise ValueError(f"bank has shape {bank.shape} but the model's memory bank is {model.memory_bank_.shape}")
     scores, maps = [], []
     window = 2 * max(1, len(client.scheduler_info()["workers"]))
-    with _ModelOnWorkers(client, model, fitted=True, bank=False) as name:
+    with _ModelOnWorkers(client, model, fitted=True, what="distributed scoring", bank=False) as name:
         def extract(part):
             return client.compute(dask.delayed(_partition_features, pure=False)(name, part, size))
 

@@ -137,11 +137,17 @@ def _slow_array(images, per_block, seconds):
 
 
 def _kill_a_worker_soon(client, delay):
-    pids = list(client.run(os.getpid).values())
+    """SIGKILL one worker `delay` seconds after it starts running tasks (waiting for that rather than
+    for a fixed time: on a busy machine a fixed delay could land before the fit's tasks, e.g. while
+    the model is being sent)."""
+    address, pid = next(iter(client.run(os.getpid).items()))
 
     def kill():
+        deadline = time.monotonic() + 60
+        while not client.processing().get(address) and time.monotonic() < deadline:
+            time.sleep(0.05)
         time.sleep(delay)
-        os.kill(pids[0], signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
 
     thread = threading.Thread(target=kill)
     thread.start()
@@ -218,3 +224,21 @@ def test_cli_fits_and_predicts_on_a_scheduler_and_agrees_with_one_machine(client
     assert "must be a PatchCore" in capsys.readouterr().err
     assert cli.main(["predict", str(out), paths[0], "--scheduler", "local:x"]) == 1
     assert "local:N needs a number of workers" in capsys.readouterr().err
+
+
+def test_a_worker_lost_while_the_model_is_sent_is_one_clear_error():
+    """register_plugin raises distributed's CommClosedError (an OSError) when a worker dies during
+    the broadcast; a fit or a scoring then fails with the same one-line RuntimeError as a lost task."""
+    assert issubclass(distributed.comm.core.CommClosedError, OSError)
+
+    class DyingCluster:
+        def register_plugin(self, plugin, name):
+            raise distributed.comm.core.CommClosedError("in <TCP (closed) register_worker_plugin>: Stream is closed")
+
+        def unregister_worker_plugin(self, name):
+            raise OSError("the cluster is gone")
+
+    with pytest.raises(RuntimeError, match=r"local coresets failed: a worker died while the model was being sent .*"
+                                           r"Stream is closed.*nothing was kept"):
+        with nd._ModelOnWorkers(DyingCluster(), npanomaly.PatchCore(), fitted=False, what="local coresets"):
+            pytest.fail("the body must not run")
