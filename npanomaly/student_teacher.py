@@ -425,22 +425,23 @@ class StudentTeacher(Detector):
                                                                           self.score_statistics_):
                 stage_map = ((error - e_mean) / e_std + (variance - v_mean) / v_std).astype(np.float32)
                 combined += upsample_and_blur(stage_map, size, 0.0) / np.float32(len(self.stages))
-            if self.blur_sigma > 0:
-                combined = kernels.gaussian_blur(combined[:, None], self.blur_sigma)[:, 0]
-            return combined.reshape(len(combined), -1).max(axis=1).astype(np.float64), combined
-        teacher_maps = self._features(self._teacher, batch)
-        student_maps = self._features(self._students[0], batch)
+            return self._blurred_maximum(combined)
         if not self.multiscale:
+            teacher_maps = self._features(self._teacher, batch)
+            student_maps = self._features(self._students[0], batch)
             per_position = kernels.channel_mean_squared_difference(student_maps[0], teacher_maps[0])
             scores = np.sqrt(per_position.mean(axis=(1, 2)))
             maps = upsample_and_blur(per_position, size, self.blur_sigma) if want_maps else None
             return scores, maps
         combined = np.ones((batch.shape[0],) + size, dtype=np.float32)
-        for t, s in zip(teacher_maps, student_maps):
-            t_unit, _ = kernels.l2_normalize_channels_forward(t, NORMALIZE_EPS)
-            s_unit, _ = kernels.l2_normalize_channels_forward(s, NORMALIZE_EPS)
+        for t_unit, s_unit in zip(self._stage_features(self._teacher, batch),
+                                  self._stage_features(self._students[0], batch)):
             layer_map = 0.5 * np.sum(np.square(s_unit - t_unit), axis=1)
             combined *= upsample_and_blur(layer_map, size, 0.0)
+        return self._blurred_maximum(combined)
+
+    def _blurred_maximum(self, combined):
+        """(image scores = each map's maximum, the maps) after the optional Gaussian blur."""
         if self.blur_sigma > 0:
             combined = kernels.gaussian_blur(combined[:, None], self.blur_sigma)[:, 0]
         return combined.reshape(len(combined), -1).max(axis=1).astype(np.float64), combined
