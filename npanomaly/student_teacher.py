@@ -326,7 +326,7 @@ class StudentTeacher(Detector):
         """Copies of everything fit() changes in the student, to put back if training diverges."""
         optimizer = None
         if self.optimizer_ is not None:
-            optimizer = (self.optimizer_, self.optimizer_.lr,
+            optimizer = (self.optimizer_, self.optimizer_.lr, self.optimizer_.weight_decay,
                          {k: np.array(v, copy=True) for k, v in self.optimizer_.state_dict().items()})
         return ([student.state_dict() for student in self.students], optimizer, list(self.loss_history_),
                 list(self.val_loss_history_), self.threshold_, self.image_size_, self.score_statistics_)
@@ -340,8 +340,8 @@ class StudentTeacher(Detector):
         if optimizer is None:
             self.optimizer_ = None
         else:
-            self.optimizer_, self.optimizer_.lr = optimizer[0], optimizer[1]
-            self.optimizer_.load_state_dict(optimizer[2])
+            self.optimizer_, self.optimizer_.lr, self.optimizer_.weight_decay = optimizer[:3]
+            self.optimizer_.load_state_dict(optimizer[3])
         self.loss_history_, self.val_loss_history_ = losses, val_losses
         self.threshold_, self.image_size_, self.score_statistics_ = threshold, image_size, statistics
         self.eval()

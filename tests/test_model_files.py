@@ -157,8 +157,10 @@ def test_a_diverging_fit_raises_naming_the_epoch_and_keeps_nothing():
     moments = {k: np.array(v, copy=True) for k, v in trained.optimizer_.state_dict().items()}
     scores = trained.score_samples(normal)
     threshold, history = trained.threshold, list(trained.loss_history_)
+    settings = (trained.optimizer_.lr, trained.optimizer_.weight_decay)
     with pytest.raises(TrainingDiverged):
-        trained.fit(normal, epochs=2, batch_size=3, lr=1e30, warm_start=True, verbose=False)
+        trained.fit(normal, epochs=2, batch_size=3, lr=1e30, weight_decay=0.5, warm_start=True, verbose=False)
+    assert (trained.optimizer_.lr, trained.optimizer_.weight_decay) == settings
     for key, value in trained.student.state_dict().items():
         np.testing.assert_array_equal(value, before[key], err_msg=key)
     for key, value in trained.optimizer_.state_dict().items():
