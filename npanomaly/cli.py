@@ -269,9 +269,9 @@ def build_parser():
     demo.add_argument("--out", default="npanomaly-demo", help="folder for report.html and the data (default %(default)s)")
     demo.add_argument("--size", type=int, default=64, help="image size (default %(default)s)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--epochs", type=int, default=30, help="Student-Teacher epochs (default %(default)s)")
-    demo.add_argument("--batch-size", type=int, default=8)
-    demo.add_argument("--lr", type=float, default=1e-3)
+    demo.add_argument("--epochs", type=int, help="Student-Teacher epochs (default: the seed nets' recipe, 30)")
+    demo.add_argument("--batch-size", type=int, help="Student-Teacher batch size (default: the recipe's 8)")
+    demo.add_argument("--lr", type=float, help="Student-Teacher learning rate (default: the recipe's Adam 1e-3)")
     demo.add_argument("--coreset-ratio", type=float, default=0.1)
     demo.set_defaults(run=command_demo)
 
