@@ -3,6 +3,8 @@ detection, heatmaps, thresholds, persistence and errors."""
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st_
 
 from npanomaly import StudentTeacher, load, nn, optim
 from strategies import random_array
@@ -295,3 +297,81 @@ def test_fit_takes_what_it_is_not_given_from_the_teachers_recipe():
     assert (stfpm.optimizer_.lr, stfpm.optimizer_.momentum, stfpm.optimizer_.weight_decay) == (0.4, 0.9, 1e-4)
     stfpm.fit(images, epochs=1, lr=0.1, weight_decay=0.0, warm_start=True, verbose=False)  # given values win
     assert (stfpm.optimizer_.lr, stfpm.optimizer_.weight_decay) == (0.1, 0.0)
+
+
+# ----------------------------------------------------------------------------- STFPM's map and image score
+
+def reference_top_mean(maps, fraction):
+    """The mean of each map's ceil(fraction * pixels) largest values (at least one), by sorting."""
+    flat = -np.sort(-np.asarray(maps, np.float64).reshape(len(maps), -1), axis=1)
+    count = max(1, int(np.ceil(fraction * flat.shape[1])))
+    return flat[:, :count].mean(axis=1)
+
+
+def reference_stfpm_maps(st, images):
+    """STFPM's anomaly map written out plainly (Wang et al. 2021, Sec. 3.3): per stage, the teacher's
+    and the student's features L2-normalised over channels, 0.5 x their squared distance at each
+    position, upsampled bilinearly to the image size; the stages' maps multiplied."""
+    from reference import bilinear_resize
+    result = np.ones((len(images),) + images.shape[2:])
+    for t, s in zip(st._teacher.features(images, st.stages), st._students[0].features(images, st.stages)):
+        t, s = np.asarray(t, np.float64), np.asarray(s, np.float64)
+        t = t / np.maximum(np.sqrt(np.sum(t * t, axis=1, keepdims=True)), 1e-12)
+        s = s / np.maximum(np.sqrt(np.sum(s * s, axis=1, keepdims=True)), 1e-12)
+        result *= bilinear_resize(0.5 * np.sum((s - t) ** 2, axis=1)[:, None], *images.shape[2:])[:, 0]
+    return result
+
+
+@given(st_.integers(1, 3), st_.integers(1, 9), st_.integers(1, 9), st_.floats(0.0, 1.0), st_.integers(0, 2 ** 31))
+@settings(max_examples=60, deadline=None)
+def test_top_mean_is_the_mean_of_the_largest_pixels(n, height, width, fraction, seed):
+    from npanomaly.maps import top_mean
+    maps = np.random.default_rng(seed).random((n, height, width), dtype=np.float32)
+    maps[:, 0, 0] = maps[:, -1, -1]  # ties must not change the mean
+    np.testing.assert_allclose(top_mean(maps, fraction), reference_top_mean(maps, fraction), rtol=1e-6)
+    np.testing.assert_array_equal(top_mean(maps, 0.0), maps.reshape(n, -1).max(axis=1))
+
+
+@pytest.mark.parametrize("top_fraction", [None, 0.0, 0.3, 1.0])
+def test_stfpm_multiplies_the_stages_maps_and_scores_the_top_of_the_map(top_fraction):
+    from npanomaly.student_teacher import DEFAULT_TOP_FRACTION
+    st = StudentTeacher(backbone="efficientnet_lite0", weights="random", stages=("stride4", "stride8"),
+                        top_fraction=top_fraction)
+    st.fit(textures(4, size=(32, 32)), epochs=1, verbose=False)
+    images = with_defects(textures(3, size=(32, 32), seed=5))[0]
+    expected = reference_stfpm_maps(st, images)
+    maps = st.anomaly_map(images)
+    np.testing.assert_allclose(maps, expected, rtol=2e-4, atol=2e-4 * expected.max())
+    fraction = DEFAULT_TOP_FRACTION if top_fraction is None else top_fraction
+    assert st.top_fraction == fraction
+    np.testing.assert_allclose(st.score_samples(images), reference_top_mean(expected, fraction), rtol=2e-4)
+
+
+def test_top_fraction_is_saved_and_a_file_from_before_it_keeps_the_maximum(tmp_path):
+    import json
+    st = StudentTeacher(backbone="efficientnet_lite0", weights="random", stages=("stride4", "stride8"),
+                        top_fraction=0.25)
+    st.fit(textures(4, size=(32, 32)), epochs=1, verbose=False)
+    images = with_defects(textures(3, size=(32, 32), seed=5))[0]
+    st.save(tmp_path / "stfpm.npz")
+    loaded = load(tmp_path / "stfpm.npz")
+    assert loaded.top_fraction == 0.25
+    np.testing.assert_array_equal(loaded.score_samples(images), st.score_samples(images))
+    with np.load(tmp_path / "stfpm.npz") as saved:
+        arrays = dict(saved)
+    config = json.loads(str(arrays["config"]))
+    del config["top_fraction"]  # as written by npanomaly before top_fraction existed
+    arrays["config"] = np.array(json.dumps(config))
+    np.savez(tmp_path / "old.npz", **arrays)
+    old = load(tmp_path / "old.npz")
+    assert old.top_fraction == 0.0  # its threshold was calibrated on the map's maximum
+    np.testing.assert_array_equal(old.score_samples(images), old.anomaly_map(images).reshape(3, -1).max(axis=1))
+
+
+def test_top_fraction_is_checked():
+    for kwargs, error, match in ((dict(top_fraction=0.1), ValueError, "single-stage score is the root-mean-square"),
+                                 (dict(multiscale=True, top_fraction=1.5), ValueError, "top_fraction must be <= 1"),
+                                 (dict(multiscale=True, top_fraction=-0.1), ValueError, "top_fraction must be a finite number >="),
+                                 (dict(multiscale=True, top_fraction="top"), TypeError, "top_fraction must be a")):
+        with pytest.raises(error, match=match):
+            StudentTeacher(feature_dim=8, **kwargs)
