@@ -21,6 +21,10 @@ configurations, e.g. ``PatchCore:efficientnet_lite0:layers=stride4+stride8,targe
 
 --input-size resizes the images (and masks) before the detectors see them, as a user's --size does.
 
+--top-fractions F ...: each Student-Teacher fit is also scored with these image-score rules
+(``maps.top_mean`` of the same maps; 0 is the map's maximum), one extra row each, so the rules are
+compared on the same fits: ``--top-fractions 0 0.01 0.02 0.05 0.1 0.2``.
+
 Each fit: 40 normal images, threshold from 8 held-out ones; test: 12 normal and 24 defective
 images. Prints image AUROC, pixel AUROC, AUPRO (FPR <= 0.3) and fit time per texture and seed,
 then per configuration the mean and the spread (min-max) over textures and seeds.
@@ -37,6 +41,7 @@ import numpy as np
 from _common import describe_threads
 from npanomaly import PatchCore, StudentTeacher, backbones, metrics, synthetic
 from npanomaly.data import resize
+from npanomaly.maps import top_mean
 
 KINDS = {"PatchCore": PatchCore, "StudentTeacher": StudentTeacher}
 
@@ -98,7 +103,9 @@ def upscale(category, size):
                                test=resize(category.test, (size, size)), masks=masks)
 
 
-def evaluate(kind, backbone, model_options, fit_options, category):
+def evaluate(kind, backbone, model_options, fit_options, category, top_fractions=()):
+    """(image AUROC, pixel AUROC, AUPRO, fit s) of one fit, then one such row per extra top fraction
+    (Student-Teacher: the same maps, scored by their top_mean)."""
     train, held_out = category.train[:40], category.train[40:]
     model = KINDS[kind](backbone=backbone, **model_options)
     start = time.perf_counter()
@@ -108,8 +115,11 @@ def evaluate(kind, backbone, model_options, fit_options, category):
         model.fit(train, validation=held_out, verbose=False, **fit_options)
     fit_s = time.perf_counter() - start
     scores, maps = model.scores_and_maps(category.test)
-    return (metrics.auroc(scores, category.labels), metrics.pixel_auroc(maps, category.masks),
-            metrics.aupro(maps, category.masks), fit_s)
+    pixel = (metrics.pixel_auroc(maps, category.masks), metrics.aupro(maps, category.masks), fit_s)
+    rows = [(metrics.auroc(scores, category.labels),) + pixel]
+    for fraction in top_fractions if kind == "StudentTeacher" else ():
+        rows.append((metrics.auroc(top_mean(maps, fraction), category.labels),) + pixel)
+    return rows
 
 
 def main():
@@ -120,23 +130,30 @@ def main():
     parser.add_argument("--size", type=int, default=64, help="the size the textures are made at")
     parser.add_argument("--input-size", type=int, help="resize images (and masks) to this size before the detectors")
     parser.add_argument("--seeds", type=int, nargs="+", help="data seeds (default: 0, or 3 4 5 with --hard)")
+    parser.add_argument("--top-fractions", type=float, nargs="+", default=[],
+                        help="also score each Student-Teacher fit's maps by the mean of their top F (0: maximum)")
     args = parser.parse_args()
     seeds = args.seeds or ([3, 4, 5] if args.hard else [0])
     styles = synthetic.HARD_STYLES if args.hard else synthetic.STYLES
     print(describe_threads())  # quality does not depend on it; fit times do
     models = [parse_model(spec) for spec in (args.model or default_models(args.student_teacher))]
-    width = max(len(label) for label, *_ in models)
+    labels = {}  # (kind, label) -> the labels of its rows: the fit's own, then one per extra top fraction
+    for label, kind, *_ in models:
+        extra = args.top_fractions if kind == "StudentTeacher" else []
+        labels[(kind, label)] = [label] + [f"{label} top_fraction={fraction:g}" for fraction in extra]
+    width = max(len(row_label) for row_labels in labels.values() for row_label in row_labels)
     print(f"{'texture':<9} {'seed':>4} {'model':<15} {'backbone':<{width}} {'image AUROC':>11} {'pixel AUROC':>11} "
           f"{'AUPRO':>6} {'fit s':>6}")
-    results = {(kind, label): [] for label, kind, *_ in models}
+    results = {(kind, row_label): [] for (kind, _), row_labels in labels.items() for row_label in row_labels}
     for style in styles:
         for seed in seeds:
             category = upscale(synthetic.make_category(style, n_train=48, size=args.size, seed=seed), args.input_size)
             for label, kind, backbone, model_options, fit_options in models:
-                row = evaluate(kind, backbone, model_options, fit_options, category)
-                results[(kind, label)].append(row)
-                print(f"{style:<9} {seed:>4} {kind:<15} {label:<{width}} {row[0]:>11.3f} {row[1]:>11.3f} "
-                      f"{row[2]:>6.3f} {row[3]:>6.1f}", flush=True)
+                rows = evaluate(kind, backbone, model_options, fit_options, category, args.top_fractions)
+                for row_label, row in zip(labels[(kind, label)], rows):
+                    results[(kind, row_label)].append(row)
+                    print(f"{style:<9} {seed:>4} {kind:<15} {row_label:<{width}} {row[0]:>11.3f} {row[1]:>11.3f} "
+                          f"{row[2]:>6.3f} {row[3]:>6.1f}", flush=True)
     print(f"\nmean (min-max) over {len(styles)} textures x {len(seeds)} seeds")
     print(f"{'model':<15} {'backbone':<{width}} {'image AUROC':>19} {'pixel AUROC':>19} {'AUPRO':>19} {'fit s':>6}")
     for (kind, label), rows in results.items():

@@ -19,6 +19,8 @@ CASES = [
     ("bench_patchcore.py", ["--quick", "--repeats", "1", "--coreset-steps", "20"], "greedy coreset", ["torch"]),
     ("bench_quality.py", ["--size", "32"], "PatchCore", []),
     ("bench_quality.py", ["--hard", "--size", "32", "--seeds", "3"], "mean (min-max)", []),
+    ("bench_quality.py", ["--hard", "--size", "32", "--seeds", "3", "--model", "StudentTeacher:seed:multiscale=True,"
+                          "epochs=1", "--top-fractions", "0", "0.05"], "epochs=1 top_fraction=0.05", []),
     ("bench_threads.py", ["--rounds", "1", "--steps", "1", "--batch", "1", "--size", "32", "--start-delay", "4"],
      "two processes sharing the machine", ["torch"]),
     ("bench_scale.py", ["--sizes", "6", "12", "--in-memory-up-to", "6", "--backbones", "seed"], "seed  ", []),
