@@ -21,9 +21,9 @@ configurations, e.g. ``PatchCore:efficientnet_lite0:layers=stride4+stride8,targe
 
 --input-size resizes the images (and masks) before the detectors see them, as a user's --size does.
 
---top-fractions F ...: each Student-Teacher fit is also scored with these image-score rules
-(``maps.top_mean`` of the same maps; 0 is the map's maximum), one extra row each, so the rules are
-compared on the same fits: ``--top-fractions 0 0.01 0.02 0.05 0.1 0.2``.
+--top-fractions F ...: each fit is also scored with these image-score rules (``maps.top_mean`` of
+the same maps, Student-Teacher's ``top_fraction``; 0 is the map's maximum), one extra row each, so
+the rules are compared on the same fits: ``--top-fractions 0 0.01 0.02 0.05 0.1 0.2``.
 
 Each fit: 40 normal images, threshold from 8 held-out ones; test: 12 normal and 24 defective
 images. Prints image AUROC, pixel AUROC, AUPRO (FPR <= 0.3) and fit time per texture and seed,
@@ -105,7 +105,7 @@ def upscale(category, size):
 
 def evaluate(kind, backbone, model_options, fit_options, category, top_fractions=()):
     """(image AUROC, pixel AUROC, AUPRO, fit s) of one fit, then one such row per extra top fraction
-    (Student-Teacher: the same maps, scored by their top_mean)."""
+    (the same maps, scored by their top_mean)."""
     train, held_out = category.train[:40], category.train[40:]
     model = KINDS[kind](backbone=backbone, **model_options)
     start = time.perf_counter()
@@ -117,7 +117,7 @@ def evaluate(kind, backbone, model_options, fit_options, category, top_fractions
     scores, maps = model.scores_and_maps(category.test)
     pixel = (metrics.pixel_auroc(maps, category.masks), metrics.aupro(maps, category.masks), fit_s)
     rows = [(metrics.auroc(scores, category.labels),) + pixel]
-    for fraction in top_fractions if kind == "StudentTeacher" else ():
+    for fraction in top_fractions:
         rows.append((metrics.auroc(top_mean(maps, fraction), category.labels),) + pixel)
     return rows
 
@@ -131,7 +131,7 @@ def main():
     parser.add_argument("--input-size", type=int, help="resize images (and masks) to this size before the detectors")
     parser.add_argument("--seeds", type=int, nargs="+", help="data seeds (default: 0, or 3 4 5 with --hard)")
     parser.add_argument("--top-fractions", type=float, nargs="+", default=[],
-                        help="also score each Student-Teacher fit's maps by the mean of their top F (0: maximum)")
+                        help="also score each fit's maps by the mean of their top F (0: maximum)")
     args = parser.parse_args()
     seeds = args.seeds or ([3, 4, 5] if args.hard else [0])
     styles = synthetic.HARD_STYLES if args.hard else synthetic.STYLES
@@ -139,8 +139,7 @@ def main():
     models = [parse_model(spec) for spec in (args.model or default_models(args.student_teacher))]
     labels = {}  # (kind, label) -> the labels of its rows: the fit's own, then one per extra top fraction
     for label, kind, *_ in models:
-        extra = args.top_fractions if kind == "StudentTeacher" else []
-        labels[(kind, label)] = [label] + [f"{label} top_fraction={fraction:g}" for fraction in extra]
+        labels[(kind, label)] = [label] + [f"{label} top_fraction={fraction:g}" for fraction in args.top_fractions]
     width = max(len(row_label) for row_labels in labels.values() for row_label in row_labels)
     print(f"{'texture':<9} {'seed':>4} {'model':<15} {'backbone':<{width}} {'image AUROC':>11} {'pixel AUROC':>11} "
           f"{'AUPRO':>6} {'fit s':>6}")
