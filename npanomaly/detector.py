@@ -250,7 +250,7 @@ class Detector:
                 raise ValueError(f"its config is a {type(config).__name__}, not a dict")
             if device is not None:
                 config["device"] = device
-            model = model_cls(**config)
+            model = model_cls(**model_cls._config_from_file(config))
             model._restore(arrays)
             threshold = arrays["threshold"]
             if threshold.shape != () or threshold.dtype.kind != "f" or not np.isfinite(threshold):
@@ -262,6 +262,12 @@ class Detector:
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise ValueError(f"{path} is not a valid {kind} model file: {error}") from error
         return model
+
+    @classmethod
+    def _config_from_file(cls, config):
+        """The constructor's arguments from a saved config. A subclass fills in what files written
+        before an argument existed lack, with the value those files were made under."""
+        return config
 
     def _check_responsive(self):
         """Refuse a model that cannot tell images apart.

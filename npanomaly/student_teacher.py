@@ -36,7 +36,6 @@ students train independently (their losses are separate, so one optimizer over a
 M independent ones) on the same mini-batches, sharing one teacher pass per batch.
 """
 
-import json
 import sys
 import time
 
@@ -494,10 +493,14 @@ class StudentTeacher(Detector):
         """student/ for the first (as files from before ensembles), student1/ ... for the others."""
         return ["student/"] + [f"student{i}/" for i in range(1, self.n_students)]
 
-    def _restore(self, arrays):
-        if self.top_fraction is not None and "top_fraction" not in json.loads(str(arrays["config"])):
+    @classmethod
+    def _config_from_file(cls, config):
+        if "top_fraction" not in config and (config.get("multiscale") or config.get("n_students", 1) > 1):
             # written before top_fraction existed: its threshold was calibrated on the map's maximum
-            self.top_fraction = 0.0
+            config = dict(config, top_fraction=0.0)
+        return config
+
+    def _restore(self, arrays):
         for prefix, net in zip(["teacher/"] + self._student_prefixes(), [self.teacher] + self.students):
             state = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
             check_state(state, f"{prefix[:-1]} parameter")
