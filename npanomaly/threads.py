@@ -33,9 +33,11 @@ done. ``NPANOMALY_SHARE_CORES=0`` turns it off. See docs/threads.md for the
 measured cost of each setting.
 """
 
+import contextlib
 import ctypes
 import os
 import sys
+import threading
 import warnings
 
 BLAS_TIMEOUT = "4"
@@ -201,6 +203,40 @@ def restore_cores():
     changed in between is left alone."""
     if _shared["pools"]:
         _resize_pools(None)
+
+
+_single_blas = {"lock": threading.Lock(), "depth": 0, "saved": []}
+
+
+@contextlib.contextmanager
+def single_threaded_blas():
+    """Every loaded OpenBLAS runs its products on the calling thread alone while the block runs.
+
+    For kernels that split their work over threads of their own and call BLAS from each
+    (kernels/workers.py): a product that also started OpenBLAS's threads would put two threads on
+    every core. OpenBLAS's thread count is one global setting (its ``openblas_set_num_threads_local``
+    sets the global count too, measured), so NumPy products that other threads of the program run
+    meanwhile are single-threaded as well. Blocks may overlap (two Python threads each running a
+    kernel): the first to enter saves the counts, the last to leave puts them back.
+    """
+    with _single_blas["lock"]:
+        if _single_blas["depth"] == 0:
+            for library in _openblas_libraries():
+                functions = _blas_thread_functions(library)
+                if functions is not None:
+                    get, put = functions
+                    _single_blas["saved"].append((put, get()))
+                    put(1)
+        _single_blas["depth"] += 1
+    try:
+        yield
+    finally:
+        with _single_blas["lock"]:
+            _single_blas["depth"] -= 1
+            if _single_blas["depth"] == 0:
+                for put, count in _single_blas["saved"]:
+                    put(count)
+                _single_blas["saved"].clear()
 
 
 def report():
