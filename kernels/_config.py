@@ -49,6 +49,16 @@ EVAL_CHUNK_BYTES = 512 * 1024
 # which has no dense 3x3 stride-1 convolutions, keeps the small chunks: 101 against 151 ms).
 WINOGRAD_EVAL_CHUNK_BYTES = 8 * 3 * 224 * 224 * 4
 
+# Winograd convolutions run each thread's share of the tiles in blocks whose transformed inputs and
+# products (36 * tiles * (C + O) floats for F(4x4)) take about WINOGRAD_BLOCK_BYTES, a core's L2
+# cache here, and at least WINOGRAD_MIN_BLOCK_TILES tiles, below which the products of wide layers
+# run far below BLAS's speed and the filters (36 * C * O floats) are read again too often. Measured
+# on the ResNet-18 and WideResNet-50 3x3 layers, batch 8, 2 threads (torch's time = 1.0x):
+# 1 MiB / 64 tiles gave 0.63-1.37x; 4 MiB / 1 tile 0.70-1.52x; 16 MiB 0.73-1.75x; 1 MiB / 128
+# tiles 0.68-1.23x, slower on 5 of 7 layers.
+WINOGRAD_BLOCK_BYTES = 1024 * 1024
+WINOGRAD_MIN_BLOCK_TILES = 64
+
 # Nearest-neighbour search screens distances one [query block, bank block] matrix at a time
 # (float32: 4096 x 2048 x 4 bytes = 32 MiB), so memory never grows with Q x M. Tall query blocks
 # keep the BLAS product efficient; the shape was the fastest of five tried in bench_patchcore.

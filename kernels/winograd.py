@@ -41,6 +41,11 @@ elementwise products become, for each of the alpha^2 transform points xi, one ma
     inputs, M[xi] [O, tiles],
 
 which goes to NumPy's BLAS (one call per point). The three transforms are the Numba kernels below.
+
+**Running it.** The tiles are cut into blocks of consecutive tiles small enough for one core's
+cache, and each block runs start to end on one thread: input transform, the alpha^2 products
+(BLAS on that thread alone), output transform (kernels/workers.py says why one pool of threads
+beats a parallel loop next to a multi-threaded product).
 Larger m means fewer products but larger transform coefficients (up to 8 and 1/24 for m = 4): the
 float32 error grows with m (measured in docs/speed.md).
 
@@ -53,11 +58,12 @@ The weight gradient is Winograd's F(3 x 3, m x m) with the tiles of dL/dy as fil
 Shapes: x [N, C, H, W], weight [O, C, 3, 3], tiles T = ceil(Ho / m) * ceil(Wo / m) per image.
 """
 
+import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
-from . import memory
-from ._config import IM2COL_BUDGET_BYTES, JIT_OPTIONS, PARALLEL_JIT_OPTIONS
+from . import _config, memory, workers
+from ._config import JIT_OPTIONS
 from .activation import clamp
 from .conv import conv2d_output_size
 
@@ -121,27 +127,29 @@ def filter_transform(weight_chwo, g, u):
                             out[o] += coefficient * left[a, j, o]
 
 
-@njit(**PARALLEL_JIT_OPTIONS)
-def input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, v):
-    """V[xi, n*T + t, c] = (B^T d B)[xi // alpha, xi % alpha] for channel c of the size x size tile d
-    of tile t = th*tiles_w + tw, whose top-left pixel is (th*m - pad_h, tw*m - pad_w); zeros outside
-    the image. b_t is [alpha, size]: B^T (size = alpha) for the forward pass's input tiles, or G
-    (size = m) for the weight gradient's m x m tiles of dL/dy.
+@njit(**JIT_OPTIONS)
+def input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, first, v):
+    """V[xi, row, c] = (B^T d B)[xi // alpha, xi % alpha] for channel c of the size x size tile d
+    of tile job = first + row (image n = job // T, tile t = th*tiles_w + tw), whose top-left pixel
+    is (th*m - pad_h, tw*m - pad_w); zeros outside the image. b_t is [alpha, size]: B^T (size =
+    alpha) for the forward pass's input tiles, or G (size = m) for the weight gradient's m x m
+    tiles of dL/dy.
 
     Shapes: x_nhwc [N, H, W, C] (channels last: every inner loop runs along the channels, which
-    are contiguous, and vectorises), b_t [alpha, size] -> v [alpha^2, N*T, C] (written in place).
-    Zero coefficients (16 of 36 in B^T for m = 4) are skipped outside the inner loops, and so are
-    the rows and columns of a tile that fall outside the image.
-    Parallel: over tiles; each writes only its own row of every V[xi].
+    are contiguous, and vectorises), b_t [alpha, size] -> v [alpha^2, rows, C] (written in place):
+    one block of consecutive tiles. Zero coefficients (16 of 36 in B^T for m = 4) are skipped
+    outside the inner loops, and so are the rows and columns of a tile that fall outside the image.
+    Serial: the callers run one block per thread (kernels/workers.py).
     """
     batch, height, width, channels = x_nhwc.shape
     alpha, size = b_t.shape
     tiles = tiles_h * tiles_w
-    for job in prange(batch * tiles):
+    left = np.empty((alpha, size, channels), dtype=v.dtype)
+    for row in range(v.shape[1]):
+        job = first + row
         n = job // tiles
         th = (job % tiles) // tiles_w
         tw = job % tiles_w
-        left = np.empty((alpha, size, channels), dtype=v.dtype)
         for a in range(alpha):  # left = B^T d
             for j in range(size):
                 acc = left[a, j]
@@ -158,7 +166,7 @@ def input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, v):
                             acc[c] += coefficient * pixel[c]
         for a in range(alpha):  # (B^T d) B
             for b in range(alpha):
-                out = v[a * alpha + b, job]
+                out = v[a * alpha + b, row]
                 out[:] = 0.0
                 for j in range(size):
                     coefficient = b_t[b, j]
@@ -167,27 +175,29 @@ def input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, v):
                             out[c] += coefficient * left[a, j, c]
 
 
-@njit(**PARALLEL_JIT_OPTIONS)
-def output_transform(mm, a_t, tiles_h, tiles_w, bias, lower, upper, y):
-    """y[n, o, th*m + i, tw*m + j] = clamp((A^T M A)[i, j] + bias[o]) for the points M[:, n*T + t, o]
-    of each tile, dropping the positions of the last tiles that fall outside the output.
+@njit(**JIT_OPTIONS)
+def output_transform(mm, a_t, tiles_h, tiles_w, first, bias, lower, upper, y):
+    """y[n, o, th*m + i, tw*m + j] = clamp((A^T M A)[i, j] + bias[o]) for the points M[:, row, o]
+    of tile job = first + row (numbered as in input_transform), dropping the positions of the last
+    tiles that fall outside the output.
 
-    Shapes: mm [alpha^2, N*T, O], a_t [m, alpha], bias [O] -> y [N, O, Ho, Wo] (written in place).
-    The sums run along the output channels (contiguous in M, vectorised) into a buffer, from which
-    each output pixel's channels are stored (as fast as a channels-last output and a copy back,
-    measured, and one kernel less to compile). Math: clamp as add_channel_bias: (lower, upper) =
-    (0, inf) is a fused ReLU.
-    Parallel: over tiles.
+    Shapes: mm [alpha^2, rows, O] (one block of consecutive tiles), a_t [m, alpha], bias [O]
+    -> y [N, O, Ho, Wo] (written in place, at this block's tiles only). The sums run along the
+    output channels (contiguous in M, vectorised) into a buffer, from which each output pixel's
+    channels are stored (as fast as a channels-last output and a copy back, measured, and one kernel
+    less to compile). Math: clamp as add_channel_bias: (lower, upper) = (0, inf) is a fused ReLU.
+    Serial: the callers run one block per thread (kernels/workers.py).
     """
     batch, out_channels, out_h, out_w = y.shape
     m, alpha = a_t.shape
     tiles = tiles_h * tiles_w
-    for job in prange(batch * tiles):
+    left = np.empty((m, alpha, out_channels), dtype=mm.dtype)
+    out = np.empty(out_channels, dtype=mm.dtype)
+    for row in range(mm.shape[1]):
+        job = first + row
         n = job // tiles
         th = (job % tiles) // tiles_w
         tw = job % tiles_w
-        left = np.empty((m, alpha, out_channels), dtype=mm.dtype)
-        out = np.empty(out_channels, dtype=mm.dtype)
         for i in range(m):  # left = A^T M
             for b in range(alpha):
                 acc = left[i, b]
@@ -195,7 +205,7 @@ def output_transform(mm, a_t, tiles_h, tiles_w, bias, lower, upper, y):
                 for a in range(alpha):
                     coefficient = a_t[i, a]
                     if coefficient != 0.0:
-                        points = mm[a * alpha + b, job]
+                        points = mm[a * alpha + b, row]
                         for o in range(out_channels):
                             acc[o] += coefficient * points[o]
         for i in range(min(m, out_h - th * m)):  # (A^T M) A, inside the output only
@@ -216,7 +226,7 @@ def to_channels_last(x, out):
 
     NumPy's copy of the transposed view runs 4-15x slower here (and slowest on power-of-two sizes,
     whose strides alias in the cache): one image row of every channel at a time instead. Serial:
-    a copy is bound by memory (as fast as a parallel loop here, measured), and compiles faster.
+    the callers give each thread its own images (kernels/workers.py).
     """
     batch, channels, height, width = x.shape
     for n in range(batch):
@@ -227,15 +237,23 @@ def to_channels_last(x, out):
                     out[n, h, w, c] = row[w]
 
 
-def _tiling(x, out_h, out_w, out_channels, m):
-    """(tiles_h, tiles_w, tiles per image, images per chunk, x as a channels-last copy) for a call
-    whose transformed tiles of both sides stay under IM2COL_BUDGET_BYTES per chunk."""
-    batch, channels, height, width = x.shape
-    tiles_h, tiles_w = -(-out_h // m), -(-out_w // m)
-    per_image = (m + 2) ** 2 * tiles_h * tiles_w * (channels + out_channels) * x.itemsize
-    x_nhwc = memory.empty((batch, height, width, channels), x.dtype)
-    to_channels_last(x, x_nhwc)
-    return tiles_h, tiles_w, tiles_h * tiles_w, max(1, min(batch, IM2COL_BUDGET_BYTES // per_image)), x_nhwc
+def _channels_last(x):
+    """x [N, C, H, W] as a channels-last copy [N, H, W, C], each thread copying its own images."""
+    out = memory.empty((x.shape[0], *x.shape[2:], x.shape[1]), x.dtype)
+    workers.run_blocks(lambda _: lambda first, stop: to_channels_last(x[first:stop], out[first:stop]), x.shape[0], 1)
+    return out
+
+
+def _blocks(first, stop, rows):
+    """(start, rows) of the consecutive blocks of at most ``rows`` tiles in range(first, stop)."""
+    return [(start, min(rows, stop - start)) for start in range(first, stop, rows)]
+
+
+def _block_buffer(rows, channels, alpha, dtype):
+    """A function (rows -> contiguous [alpha^2, rows, channels] view) on one buffer for the largest
+    block: every view the kernels get is C-contiguous, so each compiles once per dtype."""
+    flat = memory.empty((alpha * alpha * rows * channels,), dtype)
+    return lambda count: flat[:alpha * alpha * count * channels].reshape(alpha * alpha, count, channels)
 
 
 _MATRICES = {}
@@ -263,10 +281,13 @@ def winograd_conv2d_forward(x, weight, bias, pad_h, pad_w, m=4, lower=-np.inf, u
 
     Shapes: x [N, C, H, W], weight [O, C, 3, 3], bias [O] or None -> y [N, O, Ho, Wo],
     Ho = H + 2 pad_h - 2. Steps: the filter transform U (winograd_filters; pass ``filters`` to reuse
-    one, as a frozen layer does), then per chunk of images the input transform V (on a channels-last
-    copy of x), the alpha^2 products M[xi] = V[xi] @ U[xi] through BLAS, and the output transform,
-    which adds the bias and a fused ReLU.
-    The chunks keep V and M under IM2COL_BUDGET_BYTES together.
+    one, as a frozen layer does) and a channels-last copy of x; then the N*T tiles run in blocks
+    of about WINOGRAD_BLOCK_BYTES (kernels/_config.py), each thread taking the next block
+    (kernels/workers.run_blocks): the block's input transform V, the alpha^2 products
+    M[xi] = V[xi] @ U[xi] through BLAS on that thread, and the output transform, which adds the
+    bias and a fused ReLU. A block's V and M (alpha^2 * rows * (C + O) values) are what
+    one core keeps in its cache between the steps. Each tile's output depends on nothing but its
+    own block, so the result is the same whichever thread runs it.
     """
     x = np.ascontiguousarray(x)  # one layout for the kernels: each other one would compile them again
     batch, channels, height, width = x.shape
@@ -276,19 +297,33 @@ def winograd_conv2d_forward(x, weight, bias, pad_h, pad_w, m=4, lower=-np.inf, u
     a_t, _, b_t = _matrices(m, x.dtype)
     alpha = m + 2
     u = winograd_filters(weight, m) if filters is None else filters
-    tiles_h, tiles_w, tiles, step, x_nhwc = _tiling(x, out_h, out_w, out_channels, m)
-    v = memory.empty((alpha * alpha, step * tiles, channels), x.dtype)
-    mm = memory.empty((alpha * alpha, step * tiles, out_channels), x.dtype)
+    tiles_h, tiles_w = -(-out_h // m), -(-out_w // m)
+    x_nhwc = _channels_last(x)
     y = memory.empty((batch, out_channels, out_h, out_w), x.dtype)
     zeros = np.zeros(out_channels, x.dtype) if bias is None else bias
-    for start in range(0, batch, step):
-        stop = min(batch, start + step)
-        rows = (stop - start) * tiles
-        v_part, m_part = v[:, :rows], mm[:, :rows]
-        input_transform(x_nhwc[start:stop], b_t, m, pad_h, pad_w, tiles_h, tiles_w, v_part)
-        np.matmul(v_part, u, out=m_part)
-        output_transform(m_part, a_t, tiles_h, tiles_w, zeros, lower, upper, y[start:stop])
+    jobs = batch * tiles_h * tiles_w
+    block_rows = _block_rows(alpha, channels + out_channels, x.itemsize, _config.WINOGRAD_BLOCK_BYTES)
+    block_rows = min(block_rows, -(-jobs // workers.thread_count(jobs)))  # a block for every thread
+
+    def thread(_):
+        v_block = _block_buffer(block_rows, channels, alpha, x.dtype)
+        m_block = _block_buffer(block_rows, out_channels, alpha, x.dtype)
+
+        def run(first, stop):
+            v, mm = v_block(stop - first), m_block(stop - first)
+            input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, first, v)
+            np.matmul(v, u, out=mm)
+            output_transform(mm, a_t, tiles_h, tiles_w, first, zeros, lower, upper, y)
+        return run
+
+    workers.run_blocks(thread, jobs, block_rows)
     return y
+
+
+def _block_rows(alpha, channels, itemsize, budget):
+    """Tiles per block: as many as keep alpha^2 * rows * channels values within ``budget`` bytes,
+    and never fewer than WINOGRAD_MIN_BLOCK_TILES (products of fewer rows run far below BLAS's speed)."""
+    return max(_config.WINOGRAD_MIN_BLOCK_TILES, budget // (alpha * alpha * channels * itemsize))
 
 
 def winograd_conv2d_backward_weight(grad_out, x, pad_h, pad_w, m=4):
@@ -302,7 +337,9 @@ def winograd_conv2d_backward_weight(grad_out, x, pad_h, pad_w, m=4):
     moves inside the transforms:
         dW[o, c] = A^T [ sum_tiles (G g_o G^T) * (B^T d_c B) ] A,
     so the alpha^2 products are [O, tiles] @ [tiles, C], long in the summed dimension (BLAS's best
-    case), and the input tiles are transformed exactly as in the forward pass.
+    case: the blocks are as long as IM2COL_BUDGET_BYTES allows per thread), and the input tiles are
+    transformed exactly as in the forward pass. Each thread sums its share of the tiles; the
+    shares' sums are added at the end.
     """
     grad_out, x = np.ascontiguousarray(grad_out), np.ascontiguousarray(x)
     batch, channels, height, width = x.shape
@@ -310,20 +347,28 @@ def winograd_conv2d_backward_weight(grad_out, x, pad_h, pad_w, m=4):
     a_t, g, b_t = transform_matrices(3, m)
     a_t, g, b_t = (t.astype(x.dtype) for t in (a_t, g, b_t))
     alpha = m + 2
-    tiles_h, tiles_w, tiles, step, x_nhwc = _tiling(x, out_h, out_w, out_channels, m)
-    v = memory.empty((alpha * alpha, step * tiles, channels), x.dtype)
-    u = memory.empty((alpha * alpha, step * tiles, out_channels), x.dtype)
-    g_nhwc = memory.empty((batch, out_h, out_w, out_channels), x.dtype)
-    to_channels_last(grad_out, g_nhwc)
-    summed = np.zeros((alpha * alpha, out_channels, channels), x.dtype)
-    partial = np.empty_like(summed)
-    for start in range(0, batch, step):
-        stop = min(batch, start + step)
-        rows = (stop - start) * tiles
-        input_transform(x_nhwc[start:stop], b_t, m, pad_h, pad_w, tiles_h, tiles_w, v[:, :rows])
-        input_transform(g_nhwc[start:stop], g, m, 0, 0, tiles_h, tiles_w, u[:, :rows])
-        np.matmul(u[:, :rows].transpose(0, 2, 1), v[:, :rows], out=partial)
-        summed += partial
+    tiles_h, tiles_w = -(-out_h // m), -(-out_w // m)
+    x_nhwc, g_nhwc = _channels_last(x), _channels_last(grad_out)
+    budget = _config.IM2COL_BUDGET_BYTES // max(1, numba.get_num_threads())
+    block_rows = _block_rows(alpha, channels + out_channels, x.itemsize, budget)
+    sums = {}
+
+    def share(k, first, stop):
+        rows = min(block_rows, stop - first)
+        v_block = _block_buffer(rows, channels, alpha, x.dtype)
+        u_block = _block_buffer(rows, out_channels, alpha, x.dtype)
+        summed = np.zeros((alpha * alpha, out_channels, channels), x.dtype)
+        partial = np.empty_like(summed)
+        for start, count in _blocks(first, stop, rows):
+            v, u = v_block(count), u_block(count)
+            input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, start, v)
+            input_transform(g_nhwc, g, m, 0, 0, tiles_h, tiles_w, start, u)
+            np.matmul(u.transpose(0, 2, 1), v, out=partial)
+            summed += partial
+        sums[k] = summed
+
+    workers.run_shares(share, batch * tiles_h * tiles_w)
+    summed = sum(sums[k] for k in sorted(sums))
     # dW[o, c] = A^T M[o, c] A with M[o, c] the alpha x alpha points of (o, c)
     points = summed.reshape(alpha, alpha, out_channels, channels)
     return np.ascontiguousarray(np.einsum("ia,aboc,jb->ocij", a_t, points, a_t, optimize=True))
