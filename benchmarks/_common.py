@@ -85,3 +85,25 @@ def median_times(functions, repeats, warm_up=True):
             function()
             record.append(time.perf_counter() - start)
     return [statistics.median(record) for record in times]
+
+
+def winograd_products(points, tiles, channels, out_channels, rng):
+    """A function running only the products of a Winograd convolution's tiles, [tiles, C] @ [C, O]
+    at each of the ``points`` transform points, on inputs transformed beforehand, the way
+    kernels.winograd_conv2d_forward runs them: each thread its share of the tiles, in blocks, on
+    single-threaded BLAS. Its time is the floor of the Winograd design (no transforms)."""
+    import numpy as np
+
+    from npanomaly.kernels import _config, winograd, workers
+
+    v = rng.random((points, tiles, channels), dtype=np.float32)
+    u = rng.random((points, channels, out_channels), dtype=np.float32)
+    out = np.empty((points, tiles, out_channels), np.float32)
+    alpha = int(round(points ** 0.5))
+    block_rows = winograd._block_rows(alpha, channels + out_channels, 4, _config.WINOGRAD_BLOCK_BYTES)
+
+    def share(_, first, stop):
+        for start, count in winograd._blocks(first, stop, min(block_rows, stop - first)):
+            np.matmul(v[:, start:start + count], u, out=out[:, start:start + count])
+
+    return lambda: workers.run_shares(share, tiles)

@@ -15,7 +15,7 @@ import argparse
 import os
 import sys
 
-from _common import add_import_order, median_times, use_threads
+from _common import add_import_order, median_times, use_threads, winograd_products
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--threads", type=int, default=2)
@@ -112,20 +112,21 @@ def floors(backbone, images, stage):
         unfold = None if pointwise else (x, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, cols)
         layers.append((rng.random((out_channels, rows), np.float32), cols,
                        np.empty((batch, out_channels, out_h * out_w), np.float32), unfold))
-    for points, tiles, channels, out_channels in winograd:
-        layers.append((rng.random((points, tiles, channels), np.float32),
-                       rng.random((points, channels, out_channels), np.float32),
-                       np.empty((points, tiles, out_channels), np.float32), None))
+    winograd_layers = [winograd_products(*shape, rng) for shape in winograd]
 
     def products():
         for a, b, out, _ in layers:
             np.matmul(a, b, out=out)
+        for run in winograd_layers:
+            run()
 
     def unfold_and_products():
         for a, b, out, unfold in layers:
             if unfold is not None:
                 im2col(*unfold)
             np.matmul(a, b, out=out)
+        for run in winograd_layers:
+            run()
     return products, unfold_and_products
 
 

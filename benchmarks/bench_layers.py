@@ -18,7 +18,7 @@ import sys
 import tempfile
 import textwrap
 
-from _common import add_import_order, median_times, use_threads
+from _common import add_import_order, median_times, use_threads, winograd_products
 
 
 def parse_args():
@@ -86,19 +86,6 @@ def winograd_errors():
                         ("F(4x4)", K.winograd_conv2d_forward(x32, w32, None, 1, 1, 4))):
             errors.append(f"{name} {np.abs(y - exact).max() / np.abs(exact).max():.1e}")
         print(f"float32 error, max |y - y64| / max |y64|, {channels}->{channels} k3 @{size}: {', '.join(errors)}")
-
-
-def winograd_products_floor(x, weight, pad, m=4):
-    """(a function timing only the alpha^2 BLAS products of a Winograd F(m x m, 3 x 3) convolution
-    on transformed inputs made beforehand, their count): the floor of the Winograd design."""
-    batch, channels, height, width = x.shape
-    out_channels = weight.shape[0]
-    tiles = batch * (-(-(height + 2 * pad - 2) // m)) * (-(-(width + 2 * pad - 2) // m))
-    rng = np.random.default_rng(1)
-    v = rng.random(((m + 2) ** 2, tiles, channels), dtype=np.float32)
-    u = rng.random(((m + 2) ** 2, channels, out_channels), dtype=np.float32)
-    out = np.empty(((m + 2) ** 2, tiles, out_channels), np.float32)
-    return (lambda: np.matmul(v, u, out=out)), (m + 2) ** 2
 
 
 def main():
@@ -191,7 +178,8 @@ def main():
         if k == 3 and s == 1:  # what Conv2d(algorithm="auto") runs here: Winograd F(4x4, 3x3)
             layer = nn.Conv2d(cin, cout, 3, padding=p)
             layer.weight.data, layer.bias.data = w, b
-            winograd_floor, winograd_products = winograd_products_floor(x, w, p)
+            tiles = batch * (-(-(size + 2 * p - 2) // 4)) ** 2
+            winograd_floor = winograd_products(36, tiles, cin, cout, np.random.default_rng(1))
             compare(f"conv fwd  {name} (im2col)", lambda: K.conv2d_forward(x, w, b, s, s, p, p), torch_forward,
                     forward_floor)
             layer.eval()
