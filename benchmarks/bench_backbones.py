@@ -70,7 +70,7 @@ def main():
             print(f"{name:<19} up to {stage:<9} npanomaly {t_ours * 1e3:8.1f} ms  torch {t_torch * 1e3:8.1f} ms  "
                   f"ratio {t_ours / t_torch:.2f}x  floors: BLAS {t_blas / t_torch:.2f}x, "
                   f"+ im2col {t_unfold / t_torch:.2f}x", flush=True)
-    print("(floors: only the NumPy matrix products of the dense convolutions (im2col's, or Winograd's 36 where "
+    print("(floors: only the NumPy matrix products of the dense convolutions (im2col's, or Winograd's (m+2)^2 where "
           "Conv2d ran it), then those plus the im2col unfolding they need, over torch's whole time)")
 
 
@@ -78,7 +78,7 @@ def floors(backbone, images, stage):
     """Two functions: the GEMMs backbone.features(images, [stage]) makes for its dense convolutions
     (shapes recorded from one real pass) with nothing else, and the same plus the im2col unfolding
     of every convolution that needs one (into buffers allocated beforehand). A convolution that ran
-    by Winograd counts its 36 products [tiles, C] @ [C, O] instead (no transforms). No batch norm,
+    by Winograd counts its (m+2)^2 products [tiles, C] @ [C, O] instead (no transforms). No batch norm,
     no activations, no depthwise convolutions: both are lower bounds for this design."""
     from npanomaly import kernels
     from npanomaly.kernels.conv import conv2d_output_size, im2col

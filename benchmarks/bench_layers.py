@@ -175,22 +175,23 @@ def main():
             for image in range(batch):
                 np.matmul(cols[image], g3[image].T, out=grad_w2t)
 
-        if k == 3 and s == 1:  # what Conv2d(algorithm="auto") runs here: Winograd F(4x4, 3x3)
+        if k == 3 and s == 1:  # what Conv2d(algorithm="auto") runs here: Winograd F(m x m, 3 x 3)
             layer = nn.Conv2d(cin, cout, 3, padding=p)
             layer.weight.data, layer.bias.data = w, b
-            tiles = batch * (-(-(size + 2 * p - 2) // 4)) ** 2
-            winograd_floor = winograd_products(36, tiles, cin, cout, np.random.default_rng(1))
+            m = layer._winograd_tile(x, (p, p)) or 4  # (or 4: the tile size where auto runs im2col)
+            tiles = batch * (-(-(size + 2 * p - 2) // m)) ** 2
+            winograd_floor = winograd_products((m + 2) ** 2, tiles, cin, cout, np.random.default_rng(1))
             compare(f"conv fwd  {name} (im2col)", lambda: K.conv2d_forward(x, w, b, s, s, p, p), torch_forward,
                     forward_floor)
             layer.eval()
-            compare(f"conv fwd  {name} (winograd, eval)", lambda: layer(x), torch_forward, winograd_floor)
+            compare(f"conv fwd  {name} (winograd F({m}x{m}), eval)", lambda: layer(x), torch_forward, winograd_floor)
 
-            winograd_weight = layer._winograd_weight_gradient(g)  # as Conv2d decides for this batch
+            winograd_weight = layer._winograd_weight_gradient(g, m)  # as Conv2d decides for this batch
 
             def our_backward():  # noqa: F811 - Winograd input gradient, and weight gradient where it wins
-                K.winograd_conv2d_backward_input(g, w, p, p)
+                K.winograd_conv2d_backward_input(g, w, p, p, m)
                 if winograd_weight:
-                    K.winograd_conv2d_backward_weight(g, x, p, p)
+                    K.winograd_conv2d_backward_weight(g, x, p, p, m)
                 else:
                     K.conv2d_backward_weight(g, x, k, k, s, s, p, p)
                 K.conv2d_backward_bias(g)

@@ -255,14 +255,22 @@ class Module:
 
 
 #: Conv2d(algorithm="auto") runs Winograd from this many input and output channels and this many
-#: 4x4 output tiles per image: outputs of 13 x 13 and more (ResNet's 56, 28 and 14 x 14 stages at
-#: 224 x 224, not the 7 x 7 one). Counted per image, so that an image's result never depends on how
-#: many others share its batch. Measured (docs/speed.md), batch 8 x 224^2 with networks running 8
-#: images per chunk: wide_resnet50_2 to layer3 1772 ms with 25 x 25 as the limit against 1110 ms with
-#: 13 x 13; 8 images of 7 x 7 took 21 ms either way. The price: one lone 14 x 14 image takes 7.0 ms
-#: by Winograd against 2.0 ms by im2col (a network in evaluation mode runs 8 at a time).
+#: output tiles per image (of the tile size chosen below): outputs of 7 x 7 and more with 2 x 2
+#: tiles (all of ResNet's stages at 224 x 224). Counted per image, so that an image's result never
+#: depends on how many others share its batch. Measured (docs/speed.md), batch 8 x 224^2, 2 threads:
+#: ResNet-18's 512-channel 7 x 7 layer took 11.1 ms by F(2x2) against 25.9 ms by im2col (torch
+#: 10.0 ms); with 4 x 4 tiles it has only 4 per image and took 19.2 ms.
 WINOGRAD_MIN_CHANNELS = 16
 WINOGRAD_MIN_TILES = 16
+
+#: Output sides from which Winograd uses 4 x 4 tiles, F(4x4, 3x3) (36 multiplications per 16 outputs
+#: instead of F(2x2)'s 16 per 4); below it 2 x 2 tiles, F(2x2, 3x3), which is as exact as im2col,
+#: wastes nothing on 14 x 14 (4 x 4 tiles cover 16 x 16), and leaves four times as many rows per
+#: product. Measured forward, batch 8, 2 threads, over torch's time (2-3 runs): F(4x4) / F(2x2)
+#: 0.57-0.60x / 0.65-0.68x at 128 @56, 0.58-0.67x / 0.64-0.76x at 256 @28, 0.96-1.45x / 0.83-1.02x
+#: at 256 @14, 1.71-1.96x / 1.01-1.19x at 512 @7; ties within the noise at 64 @56 (0.78-0.99x /
+#: 0.76-0.85x), 128 @28 (0.74-1.07x / 0.67-0.81x) and 512 @14 (0.79-0.85x / 0.80-0.99x).
+WINOGRAD_LARGE_TILE_SIZE = 28
 
 
 class Conv2d(Module):
@@ -305,15 +313,16 @@ class Conv2d(Module):
         self.weight = Parameter(rng.uniform(-bound, bound, size=shape).astype(dtype))
         self.bias = Parameter(rng.uniform(-bound, bound, size=self.out_channels).astype(dtype)) if bias else None
         self.algorithm = algorithm
-        self._winograd_filters = None  # (the weight they came from, U), reused in evaluation mode
+        self._winograd_filters = None  # (the weight they came from, tile size m, U), reused in evaluation mode
 
     @property
     def algorithm(self):
         """How a dense 3x3 stride-1 convolution is computed: "auto" (the measured rule of
-        _uses_winograd), "im2col" (one product per image over unfolded columns: the same sums as
-        other frameworks, for exact cross-checks) or "winograd" (F(4x4, 3x3), kernels/winograd.py;
-        4x fewer multiplications, float32 error a few times im2col's). Other convolutions always use
-        im2col (or the depthwise kernels), and so does device="cuda"."""
+        _winograd_tile), "im2col" (one product per image over unfolded columns: the same sums as
+        other frameworks, for exact cross-checks) or "winograd" (kernels/winograd.py, F(4x4, 3x3)
+        or F(2x2, 3x3) by the size rule of _winograd_tile: 4x or 2.25x fewer multiplications, float32
+        error 20x or 1x im2col's). Other convolutions always use im2col (or the depthwise kernels),
+        and so does device="cuda"."""
         return self._algorithm
 
     @algorithm.setter
@@ -378,49 +387,56 @@ class Conv2d(Module):
         return (self.kernel_size == (3, 3) and self._stride == (1, 1) and self.groups == 1
                 and (self._same or max(self._padding) <= 2))
 
-    def _uses_winograd(self, x, pads):
-        """Whether this call runs Winograd: always with algorithm="winograd", never with "im2col",
-        and with "auto" when the input is float32 and the layer is a dense 3x3 stride-1 convolution
-        with at least WINOGRAD_MIN_CHANNELS input and output channels and the call has at least
-        WINOGRAD_MIN_TILES 4x4 output tiles per image: below those the products are too narrow for
-        BLAS and im2col is faster (measured in docs/speed.md)."""
-        if self._algorithm == "im2col" or not hasattr(self.kernels, "winograd_conv2d_forward"):
-            return False
-        if self._algorithm == "winograd":
-            return True
-        if not self._winograd_shape() or max(pads) > 2 or x.dtype != np.float32:
-            return False  # float64 is for exact cross-checks: it keeps im2col's sums (and compiles less)
-        out_h, out_w = (n + 2 * p - 2 for n, p in zip(x.shape[2:], pads))
-        tiles = -(-out_h // 4) * -(-out_w // 4)  # per image: the choice never depends on the batch
-        return (min(self.in_channels, self.out_channels) >= WINOGRAD_MIN_CHANNELS
-                and tiles >= WINOGRAD_MIN_TILES)
+    def _winograd_tile(self, x, pads):
+        """The output tile size m of this call's Winograd F(m x m, 3 x 3), or None for im2col.
 
-    def _winograd_weight_gradient(self, grad_out):
+        algorithm="winograd" always runs Winograd, "im2col" never; "auto" runs it when the input is
+        float32 and the layer is a dense 3x3 stride-1 convolution with at least WINOGRAD_MIN_CHANNELS
+        input and output channels and the call has at least WINOGRAD_MIN_TILES output tiles per
+        image: below those the products are too narrow for BLAS and im2col is faster. The tile size:
+        m = 4 when both output sides are at least WINOGRAD_LARGE_TILE_SIZE, else m = 2 (measured in
+        docs/speed.md). Counted per image, so an image's result never depends on its batch mates."""
+        if self._algorithm == "im2col" or not hasattr(self.kernels, "winograd_conv2d_forward"):
+            return None
+        out_h, out_w = (n + 2 * p - 2 for n, p in zip(x.shape[2:], pads))
+        m = 4 if min(out_h, out_w) >= WINOGRAD_LARGE_TILE_SIZE else 2
+        if self._algorithm == "winograd":
+            return m
+        if not self._winograd_shape() or max(pads) > 2 or x.dtype != np.float32:
+            return None  # float64 is for exact cross-checks: it keeps im2col's sums (and compiles less)
+        tiles = -(-out_h // m) * -(-out_w // m)
+        wide = min(self.in_channels, self.out_channels) >= WINOGRAD_MIN_CHANNELS
+        return m if wide and tiles >= WINOGRAD_MIN_TILES else None
+
+    def _winograd_weight_gradient(self, grad_out, m):
         """Whether a Winograd layer's weight gradient runs by Winograd too: when the batch has at
-        least half as many 4x4 tiles as the smaller channel count. Its 36 products sum over the
-        tiles, [O, tiles] @ [tiles, C]; with few tiles they write 36 O x C matrices for little
-        work. Measured, batch 8: 256 channels at 16 x 16 (128 tiles) 12.2 ms against im2col's
-        16.1 ms, 256 at 28 x 28 24.7 against 44.0 ms, but 512 at 14 x 14 (128 tiles) 63.6 against
-        56.9 ms."""
-        tiles = grad_out.shape[0] * -(-grad_out.shape[2] // 4) * -(-grad_out.shape[3] // 4)
+        least half as many m x m tiles as the smaller channel count. Its alpha^2 products sum over
+        the tiles, [O, tiles] @ [tiles, C]; with few tiles they write alpha^2 O x C matrices for
+        little work. Measured, batch 8, 2 threads (docs/speed.md): 64 channels at 56 x 56 by F(4x4)
+        18.7 ms against im2col's 32.4, 256 at 14 x 14 by F(2x2) 26.4 against 30.0, but 512 at
+        7 x 7 (128 tiles of 2 x 2) 54.8 against 44.4 ms."""
+        tiles = grad_out.shape[0] * -(-grad_out.shape[2] // m) * -(-grad_out.shape[3] // m)
         return 2 * tiles >= min(self.in_channels, self.out_channels)
 
-    def _winograd_filters_for(self, weight):
+    def _winograd_filters_for(self, weight, m):
         """U for weight, kept between calls in evaluation mode: a frozen backbone transforms its
-        filters once per weight version (a batch norm folded into them makes a new array each call,
-        so the cache compares values, not identity); in training they change every step."""
+        filters once per weight version and tile size (a batch norm folded into them makes a new
+        array each call, so the cache compares values, not identity); in training they change
+        every step."""
         if self.training:
             return None
         cached = self._winograd_filters
-        if cached is None or cached[0].dtype != weight.dtype or not np.array_equal(cached[0], weight):
-            cached = self._winograd_filters = (weight.copy(), self.kernels.winograd_filters(weight))
-        return cached[1]
+        if (cached is None or cached[1] != m or cached[0].dtype != weight.dtype
+                or not np.array_equal(cached[0], weight)):
+            cached = self._winograd_filters = (weight.copy(), m, self.kernels.winograd_filters(weight, m))
+        return cached[2]
 
     def _convolve(self, x, weight, bias, pads, lower, upper):
         if self.groups == 1:
-            if self._uses_winograd(x, pads):
-                return self.kernels.winograd_conv2d_forward(x, weight, bias, *pads, 4, lower, upper,
-                                                            self._winograd_filters_for(weight))
+            m = self._winograd_tile(x, pads)
+            if m is not None:
+                return self.kernels.winograd_conv2d_forward(x, weight, bias, *pads, m, lower, upper,
+                                                            self._winograd_filters_for(weight, m))
             return self.kernels.conv2d_forward(x, weight, bias, *self._stride, *pads, lower, upper)
         if self._depthwise():
             zeros = np.zeros(self.out_channels, x.dtype) if bias is None else bias
@@ -435,9 +451,9 @@ class Conv2d(Module):
     def _backward(self, grad_out, input_grad):
         x, pads, crop = self._take_saved()
         stride, kernel = self._stride, self.kernel_size
-        winograd = self.groups == 1 and self._uses_winograd(x, pads)
-        if winograd and self._winograd_weight_gradient(grad_out):
-            grad_w = self.kernels.winograd_conv2d_backward_weight(grad_out, x, *pads)
+        m = self._winograd_tile(x, pads) if self.groups == 1 else None
+        if m is not None and self._winograd_weight_gradient(grad_out, m):
+            grad_w = self.kernels.winograd_conv2d_backward_weight(grad_out, x, *pads, m)
         elif self.groups == 1:
             grad_w = self.kernels.conv2d_backward_weight(grad_out, x, *kernel, *stride, *pads)
         elif self._depthwise():
@@ -453,8 +469,8 @@ class Conv2d(Module):
         if not input_grad:
             return None
         height, width = x.shape[2:]
-        if winograd:
-            grad_x = self.kernels.winograd_conv2d_backward_input(grad_out, self.weight.data, *pads)
+        if m is not None:
+            grad_x = self.kernels.winograd_conv2d_backward_input(grad_out, self.weight.data, *pads, m)
         elif self.groups == 1:
             grad_x = self.kernels.conv2d_backward_input(grad_out, self.weight.data, height, width, *stride, *pads)
         elif self._depthwise():

@@ -116,16 +116,20 @@ def test_conv2d_auto_chooses_winograd_for_wide_calls_only(monkeypatch):
     original = kernels.winograd_conv2d_forward
 
     def spy(*args, **kwargs):
-        calls.append(args[0].shape)
+        calls.append((args[0].shape, args[5]))  # (input shape, tile size m)
         return original(*args, **kwargs)
 
     monkeypatch.setattr(kernels, "winograd_conv2d_forward", spy)
     wide = nn.Conv2d(32, 32, 3, padding=1, seed=0).eval()
-    wide(np.zeros((4, 32, 32, 32), np.float32))  # 8 x 8 tiles per image, 32 channels
-    wide(np.zeros((16, 32, 8, 8), np.float32))   # 4 tiles per image, however many images: im2col
+    wide(np.zeros((4, 32, 32, 32), np.float32))  # 32 x 32 outputs: 8 x 8 tiles of 4 x 4 per image
+    wide(np.zeros((4, 32, 28, 30), np.float32))  # both sides >= 28: still 4 x 4 tiles
+    wide(np.zeros((4, 32, 27, 40), np.float32))  # one side < 28: 2 x 2 tiles
+    wide(np.zeros((16, 32, 7, 7), np.float32))   # 16 tiles of 2 x 2 per image
+    wide(np.zeros((16, 32, 6, 6), np.float32))   # 9 tiles per image, however many images: im2col
     nn.Conv2d(3, 32, 3, padding=1, seed=0)(np.zeros((4, 3, 32, 32), np.float32))  # 3 input channels: im2col
     nn.Conv2d(32, 32, 3, stride=2, padding=1, seed=0)(np.zeros((4, 32, 32, 32), np.float32))  # stride 2
-    assert calls == [(4, 32, 32, 32)]
+    nn.Conv2d(32, 32, 3, padding=1, seed=0).to(np.float64)(np.zeros((1, 32, 32, 32)))  # float64: im2col
+    assert calls == [((4, 32, 32, 32), 4), ((4, 32, 28, 30), 4), ((4, 32, 27, 40), 2), ((16, 32, 7, 7), 2)]
     with pytest.raises(ValueError, match="needs a dense 3x3 stride-1 convolution"):
         nn.Conv2d(8, 8, 1, algorithm="winograd")
     with pytest.raises(ValueError, match="algorithm must be"):
