@@ -54,6 +54,7 @@ def stack(seed=0):
 def test_default_initialisation_has_torchs_distribution():
     """Weights and biases uniform in +-1/sqrt(fan_in): compare the range and variance with torch's init."""
     ours = nn.Conv2d(16, 64, 3, seed=0)
+    torch.manual_seed(0)  # unseeded, the 64 biases' variances differed by more than 30% about 1 run in 16
     theirs = torch.nn.Conv2d(16, 64, 3)
     bound = 1 / np.sqrt(16 * 9)
     for a, b in ((ours.weight.data, theirs.weight), (ours.bias.data, theirs.bias)):
