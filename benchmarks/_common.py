@@ -90,20 +90,32 @@ def median_times(functions, repeats, warm_up=True):
 def winograd_products(points, tiles, channels, out_channels, rng):
     """A function running only the products of a Winograd convolution's tiles, [tiles, C] @ [C, O]
     at each of the ``points`` transform points, on inputs transformed beforehand, the way
-    kernels.winograd_conv2d_forward runs them: each thread its share of the tiles, in blocks, on
-    single-threaded BLAS. Its time is the floor of the Winograd design (no transforms)."""
+    kernels.winograd_conv2d_forward runs them: each thread its share of the tiles, in blocks, gemm
+    on that thread. Its time is the floor of the Winograd design (no transforms)."""
+    import numba
     import numpy as np
 
-    from npanomaly.kernels import _config, winograd, workers
+    from npanomaly import threads
+    from npanomaly.kernels import _config, blas, winograd
 
     v = rng.random((points, tiles, channels), dtype=np.float32)
     u = rng.random((points, channels, out_channels), dtype=np.float32)
     out = np.empty((points, tiles, out_channels), np.float32)
     alpha = int(round(points ** 0.5))
+    shares = winograd._thread_shares(tiles)
     block_rows = winograd._block_rows(alpha, channels + out_channels, 4, _config.WINOGRAD_BLOCK_BYTES)
+    block_rows = min(block_rows, -(-tiles // shares))
 
-    def share(_, first, stop):
-        for start, count in winograd._blocks(first, stop, min(block_rows, stop - first)):
-            np.matmul(v[:, start:start + count], u, out=out[:, start:start + count])
+    @numba.njit(parallel=True)
+    def products(v, u, out, shares, block_rows):
+        for share in numba.prange(shares):
+            first, stop = tiles * share // shares, tiles * (share + 1) // shares
+            for start in range(first, stop, block_rows):
+                rows = min(block_rows, stop - start)
+                for xi in range(v.shape[0]):
+                    blas.gemm(v[xi, start:start + rows], u[xi], out[xi, start:start + rows])
 
-    return lambda: workers.run_shares(share, tiles)
+    def run():
+        with threads.single_threaded_blas():
+            products(v, u, out, shares, block_rows)
+    return run

@@ -40,12 +40,13 @@ elementwise products become, for each of the alpha^2 transform points xi, one ma
     M[xi] = U[xi] @ V[xi],   U[xi] [O, C] the transformed filters, V[xi] [C, tiles] the transformed
     inputs, M[xi] [O, tiles],
 
-which goes to NumPy's BLAS (one call per point). The three transforms are the Numba kernels below.
+which goes to BLAS (one call per point). The three transforms are the Numba kernels below.
 
 **Running it.** The tiles are cut into blocks of consecutive tiles small enough for one core's
-cache, and each block runs start to end on one thread: input transform, the alpha^2 products
-(BLAS on that thread alone), output transform (kernels/workers.py says why one pool of threads
-beats a parallel loop next to a multi-threaded product).
+cache, and each block runs start to end on one thread of a parallel loop: input transform, the
+alpha^2 products (OpenBLAS's gemm called from the kernel on that thread, kernels/blas.py, which
+says why), output transform.
+
 Larger m means fewer products but larger transform coefficients (up to 8 and 1/24 for m = 4): the
 float32 error grows with m (measured in docs/speed.md).
 
@@ -60,10 +61,13 @@ Shapes: x [N, C, H, W], weight [O, C, 3, 3], tiles T = ceil(Ho / m) * ceil(Wo / 
 
 import numba
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
-from . import _config, memory, workers
-from ._config import JIT_OPTIONS
+from npanomaly import threads
+
+from . import _config, memory
+from ._config import JIT_OPTIONS, PARALLEL_JIT_OPTIONS
+from .blas import gemm
 from .activation import clamp
 from .conv import conv2d_output_size
 
@@ -110,7 +114,8 @@ def filter_transform(weight_chwo, g, u):
         for a in range(alpha):  # left = G w
             for j in range(3):
                 row = left[a, j]
-                row[:] = 0.0
+                for o in range(row.size):  # a loop: slice assignment compiles to far more code
+                    row[o] = 0.0
                 for i in range(3):
                     coefficient = g[a, i]
                     if coefficient != 0.0:
@@ -119,7 +124,8 @@ def filter_transform(weight_chwo, g, u):
         for a in range(alpha):  # (G w) G^T
             for b in range(alpha):
                 out = u[a * alpha + b, c]
-                out[:] = 0.0
+                for o in range(out.size):  # a loop: slice assignment compiles to far more code
+                    out[o] = 0.0
                 for j in range(3):
                     coefficient = g[b, j]
                     if coefficient != 0.0:
@@ -139,7 +145,7 @@ def input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, first, v):
     are contiguous, and vectorises), b_t [alpha, size] -> v [alpha^2, rows, C] (written in place):
     one block of consecutive tiles. Zero coefficients (16 of 36 in B^T for m = 4) are skipped
     outside the inner loops, and so are the rows and columns of a tile that fall outside the image.
-    Serial: the callers run one block per thread (kernels/workers.py).
+    Serial: called for one block by one thread of the callers' parallel loops.
     """
     batch, height, width, channels = x_nhwc.shape
     alpha, size = b_t.shape
@@ -153,7 +159,8 @@ def input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, first, v):
         for a in range(alpha):  # left = B^T d
             for j in range(size):
                 acc = left[a, j]
-                acc[:] = 0.0
+                for o in range(acc.size):  # a loop: slice assignment compiles to far more code
+                    acc[o] = 0.0
                 w = tw * m - pad_w + j
                 if w < 0 or w >= width:
                     continue
@@ -167,7 +174,8 @@ def input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, first, v):
         for a in range(alpha):  # (B^T d) B
             for b in range(alpha):
                 out = v[a * alpha + b, row]
-                out[:] = 0.0
+                for o in range(out.size):  # a loop: slice assignment compiles to far more code
+                    out[o] = 0.0
                 for j in range(size):
                     coefficient = b_t[b, j]
                     if coefficient != 0.0:
@@ -186,7 +194,7 @@ def output_transform(mm, a_t, tiles_h, tiles_w, first, bias, lower, upper, y):
     output channels (contiguous in M, vectorised) into a buffer, from which each output pixel's
     channels are stored (as fast as a channels-last output and a copy back, measured, and one kernel
     less to compile). Math: clamp as add_channel_bias: (lower, upper) = (0, inf) is a fused ReLU.
-    Serial: the callers run one block per thread (kernels/workers.py).
+    Serial: called for one block by one thread of the callers' parallel loops.
     """
     batch, out_channels, out_h, out_w = y.shape
     m, alpha = a_t.shape
@@ -201,7 +209,8 @@ def output_transform(mm, a_t, tiles_h, tiles_w, first, bias, lower, upper, y):
         for i in range(m):  # left = A^T M
             for b in range(alpha):
                 acc = left[i, b]
-                acc[:] = 0.0
+                for o in range(acc.size):  # a loop: slice assignment compiles to far more code
+                    acc[o] = 0.0
                 for a in range(alpha):
                     coefficient = a_t[i, a]
                     if coefficient != 0.0:
@@ -210,7 +219,8 @@ def output_transform(mm, a_t, tiles_h, tiles_w, first, bias, lower, upper, y):
                             acc[o] += coefficient * points[o]
         for i in range(min(m, out_h - th * m)):  # (A^T M) A, inside the output only
             for j in range(min(m, out_w - tw * m)):
-                out[:] = bias
+                for o in range(out.size):  # a loop: slice assignment compiles to far more code
+                    out[o] = bias[o]
                 for b in range(alpha):
                     coefficient = a_t[j, b]
                     if coefficient != 0.0:
@@ -226,7 +236,7 @@ def to_channels_last(x, out):
 
     NumPy's copy of the transposed view runs 4-15x slower here (and slowest on power-of-two sizes,
     whose strides alias in the cache): one image row of every channel at a time instead. Serial:
-    the callers give each thread its own images (kernels/workers.py).
+    a copy is bound by memory (as fast as a parallel loop here, measured), and compiles faster.
     """
     batch, channels, height, width = x.shape
     for n in range(batch):
@@ -238,22 +248,102 @@ def to_channels_last(x, out):
 
 
 def _channels_last(x):
-    """x [N, C, H, W] as a channels-last copy [N, H, W, C], each thread copying its own images."""
+    """x [N, C, H, W] as a channels-last copy [N, H, W, C]."""
     out = memory.empty((x.shape[0], *x.shape[2:], x.shape[1]), x.dtype)
-    workers.run_blocks(lambda _: lambda first, stop: to_channels_last(x[first:stop], out[first:stop]), x.shape[0], 1)
+    to_channels_last(x, out)
     return out
 
 
-def _blocks(first, stop, rows):
-    """(start, rows) of the consecutive blocks of at most ``rows`` tiles in range(first, stop)."""
-    return [(start, min(rows, stop - start)) for start in range(first, stop, rows)]
+@njit(**JIT_OPTIONS)
+def _share(jobs, shares, share):
+    """(first, stop) of share number ``share`` of ``shares`` contiguous shares of range(jobs)."""
+    return jobs * share // shares, jobs * (share + 1) // shares
 
 
-def _block_buffer(rows, channels, alpha, dtype):
-    """A function (rows -> contiguous [alpha^2, rows, channels] view) on one buffer for the largest
-    block: every view the kernels get is C-contiguous, so each compiles once per dtype."""
-    flat = memory.empty((alpha * alpha * rows * channels,), dtype)
-    return lambda count: flat[:alpha * alpha * count * channels].reshape(alpha * alpha, count, channels)
+@njit(**JIT_OPTIONS)
+def forward_share(x_nhwc, b_t, a_t, u, m, pad_h, pad_w, tiles_h, tiles_w, first, stop, block_rows, bias, lower,
+                  upper, y):
+    """The Winograd forward pass of tiles first..stop-1, in blocks of at most block_rows
+    consecutive tiles: V = input_transform, M[xi] = V[xi] @ U[xi] for each of the alpha^2 points
+    (gemm, on this thread), then output_transform into y.
+
+    Shapes: x_nhwc [N, H, W, C], u [alpha^2, C, O], bias [O] -> y [N, O, Ho, Wo] (in place, at
+    these tiles only). Serial: one thread's share of forward_blocks.
+    """
+    alpha2, channels, out_channels = u.shape
+    v_buffer = np.empty(alpha2 * block_rows * channels, dtype=x_nhwc.dtype)
+    m_buffer = np.empty(alpha2 * block_rows * out_channels, dtype=x_nhwc.dtype)
+    for start in range(first, stop, block_rows):
+        rows = min(block_rows, stop - start)
+        v = v_buffer[:alpha2 * rows * channels].reshape((alpha2, rows, channels))
+        mm = m_buffer[:alpha2 * rows * out_channels].reshape((alpha2, rows, out_channels))
+        input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, start, v)
+        for xi in range(alpha2):
+            gemm(v[xi], u[xi], mm[xi])
+        output_transform(mm, a_t, tiles_h, tiles_w, start, bias, lower, upper, y)
+
+
+@njit(**PARALLEL_JIT_OPTIONS)
+def forward_blocks(x_nhwc, b_t, a_t, u, m, pad_h, pad_w, tiles_h, tiles_w, block_rows, shares, bias, lower, upper,
+                   y):
+    """forward_share of every tile: y [N, O, Ho, Wo] (in place) from x_nhwc [N, H, W, C].
+
+    Parallel: over ``shares`` contiguous shares of the N*T tiles, one per thread; each share's
+    blocks run start to end on its thread, so a block's V and M stay in that core's cache between
+    the steps, and each tile's output depends on nothing but its own block. (The loop's body is
+    one call: Numba's parallel-loop passes then have little to analyse, which keeps the compile
+    short.)
+    """
+    jobs = x_nhwc.shape[0] * tiles_h * tiles_w
+    for share in prange(shares):
+        first, stop = _share(jobs, shares, share)
+        forward_share(x_nhwc, b_t, a_t, u, m, pad_h, pad_w, tiles_h, tiles_w, first, stop, block_rows, bias, lower,
+                      upper, y)
+
+
+@njit(**JIT_OPTIONS)
+def weight_gradient_share(x_nhwc, g_nhwc, b_t, g, m, pad_h, pad_w, tiles_h, tiles_w, first, stop, block_rows,
+                          summed):
+    """summed[xi] += sum over tiles first..stop-1 of (G g G^T)[xi]^T (B^T d B)[xi], block by block:
+    the input tiles transformed by B^T, the m x m tiles of dL/dy by G, then one gemm per point that
+    accumulates into summed.
+
+    Shapes: x_nhwc [N, H, W, C], g_nhwc [N, Ho, Wo, O] -> summed [alpha^2, O, C] (accumulated in
+    place). Serial: one thread's share of weight_gradient_shares.
+    """
+    alpha2, out_channels, channels = summed.shape
+    v_buffer = np.empty(alpha2 * block_rows * channels, dtype=x_nhwc.dtype)
+    u_buffer = np.empty(alpha2 * block_rows * out_channels, dtype=x_nhwc.dtype)
+    for start in range(first, stop, block_rows):
+        rows = min(block_rows, stop - start)
+        v = v_buffer[:alpha2 * rows * channels].reshape((alpha2, rows, channels))
+        du = u_buffer[:alpha2 * rows * out_channels].reshape((alpha2, rows, out_channels))
+        input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, start, v)
+        input_transform(g_nhwc, g, m, 0, 0, tiles_h, tiles_w, start, du)
+        for xi in range(alpha2):
+            gemm(du[xi], v[xi], summed[xi], True, 1.0)
+
+
+@njit(**PARALLEL_JIT_OPTIONS)
+def weight_gradient_shares(x_nhwc, g_nhwc, b_t, g, m, pad_h, pad_w, tiles_h, tiles_w, block_rows, sums):
+    """weight_gradient_share of every share of the tiles: sums [shares, alpha^2, O, C] (zeros on
+    entry, accumulated in place) from x_nhwc [N, H, W, C] and g_nhwc [N, Ho, Wo, O].
+
+    Parallel: over the shares, one per thread; the caller adds the shares' sums in order, so the
+    result is the same on every call with the same thread count.
+    """
+    shares = sums.shape[0]
+    jobs = x_nhwc.shape[0] * tiles_h * tiles_w
+    for share in prange(shares):
+        first, stop = _share(jobs, shares, share)
+        weight_gradient_share(x_nhwc, g_nhwc, b_t, g, m, pad_h, pad_w, tiles_h, tiles_w, first, stop, block_rows,
+                              sums[share])
+
+
+def _thread_shares(jobs):
+    """How many shares a kernel splits ``jobs`` tiles into: one per Numba thread of the calling
+    thread (what threads.share_cores narrows on a busy machine), at most one per tile."""
+    return max(1, min(numba.get_num_threads(), jobs))
 
 
 _MATRICES = {}
@@ -281,13 +371,11 @@ def winograd_conv2d_forward(x, weight, bias, pad_h, pad_w, m=4, lower=-np.inf, u
 
     Shapes: x [N, C, H, W], weight [O, C, 3, 3], bias [O] or None -> y [N, O, Ho, Wo],
     Ho = H + 2 pad_h - 2. Steps: the filter transform U (winograd_filters; pass ``filters`` to reuse
-    one, as a frozen layer does) and a channels-last copy of x; then the N*T tiles run in blocks
-    of about WINOGRAD_BLOCK_BYTES (kernels/_config.py), each thread taking the next block
-    (kernels/workers.run_blocks): the block's input transform V, the alpha^2 products
-    M[xi] = V[xi] @ U[xi] through BLAS on that thread, and the output transform, which adds the
-    bias and a fused ReLU. A block's V and M (alpha^2 * rows * (C + O) values) are what
-    one core keeps in its cache between the steps. Each tile's output depends on nothing but its
-    own block, so the result is the same whichever thread runs it.
+    one, as a frozen layer does) and a channels-last copy of x; then forward_blocks runs the N*T
+    tiles in blocks of about WINOGRAD_BLOCK_BYTES (kernels/_config.py), one share of them per
+    thread: the block's input transform V, the alpha^2 products M[xi] = V[xi] @ U[xi] by gemm on
+    that thread, and the output transform, which adds the bias and a fused ReLU. A block's V and M
+    (alpha^2 * rows * (C + O) values) are what one core keeps in its cache between the steps.
     """
     x = np.ascontiguousarray(x)  # one layout for the kernels: each other one would compile them again
     batch, channels, height, width = x.shape
@@ -302,21 +390,12 @@ def winograd_conv2d_forward(x, weight, bias, pad_h, pad_w, m=4, lower=-np.inf, u
     y = memory.empty((batch, out_channels, out_h, out_w), x.dtype)
     zeros = np.zeros(out_channels, x.dtype) if bias is None else bias
     jobs = batch * tiles_h * tiles_w
+    shares = _thread_shares(jobs)
     block_rows = _block_rows(alpha, channels + out_channels, x.itemsize, _config.WINOGRAD_BLOCK_BYTES)
-    block_rows = min(block_rows, -(-jobs // workers.thread_count(jobs)))  # a block for every thread
-
-    def thread(_):
-        v_block = _block_buffer(block_rows, channels, alpha, x.dtype)
-        m_block = _block_buffer(block_rows, out_channels, alpha, x.dtype)
-
-        def run(first, stop):
-            v, mm = v_block(stop - first), m_block(stop - first)
-            input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, first, v)
-            np.matmul(v, u, out=mm)
-            output_transform(mm, a_t, tiles_h, tiles_w, first, zeros, lower, upper, y)
-        return run
-
-    workers.run_blocks(thread, jobs, block_rows)
+    block_rows = min(block_rows, -(-jobs // shares))
+    with threads.single_threaded_blas():
+        forward_blocks(x_nhwc, b_t, a_t, u, m, pad_h, pad_w, tiles_h, tiles_w, block_rows, shares, zeros, lower,
+                       upper, y)
     return y
 
 
@@ -349,26 +428,16 @@ def winograd_conv2d_backward_weight(grad_out, x, pad_h, pad_w, m=4):
     alpha = m + 2
     tiles_h, tiles_w = -(-out_h // m), -(-out_w // m)
     x_nhwc, g_nhwc = _channels_last(x), _channels_last(grad_out)
-    budget = _config.IM2COL_BUDGET_BYTES // max(1, numba.get_num_threads())
-    block_rows = _block_rows(alpha, channels + out_channels, x.itemsize, budget)
-    sums = {}
-
-    def share(k, first, stop):
-        rows = min(block_rows, stop - first)
-        v_block = _block_buffer(rows, channels, alpha, x.dtype)
-        u_block = _block_buffer(rows, out_channels, alpha, x.dtype)
-        summed = np.zeros((alpha * alpha, out_channels, channels), x.dtype)
-        partial = np.empty_like(summed)
-        for start, count in _blocks(first, stop, rows):
-            v, u = v_block(count), u_block(count)
-            input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, start, v)
-            input_transform(g_nhwc, g, m, 0, 0, tiles_h, tiles_w, start, u)
-            np.matmul(u.transpose(0, 2, 1), v, out=partial)
-            summed += partial
-        sums[k] = summed
-
-    workers.run_shares(share, batch * tiles_h * tiles_w)
-    summed = sum(sums[k] for k in sorted(sums))
+    jobs = batch * tiles_h * tiles_w
+    shares = _thread_shares(jobs)
+    block_rows = _block_rows(alpha, channels + out_channels, x.itemsize, _config.IM2COL_BUDGET_BYTES // shares)
+    block_rows = min(block_rows, -(-jobs // shares))
+    sums = np.zeros((shares, alpha * alpha, out_channels, channels), x.dtype)
+    with threads.single_threaded_blas():
+        weight_gradient_shares(x_nhwc, g_nhwc, b_t, g, m, pad_h, pad_w, tiles_h, tiles_w, block_rows, sums)
+    summed = sums[0]
+    for share in range(1, shares):
+        summed += sums[share]
     # dW[o, c] = A^T M[o, c] A with M[o, c] the alpha x alpha points of (o, c)
     points = summed.reshape(alpha, alpha, out_channels, channels)
     return np.ascontiguousarray(np.einsum("ia,aboc,jb->ocij", a_t, points, a_t, optimize=True))

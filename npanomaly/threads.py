@@ -212,11 +212,11 @@ _single_blas = {"lock": threading.Lock(), "depth": 0, "saved": []}
 def single_threaded_blas():
     """Every loaded OpenBLAS runs its products on the calling thread alone while the block runs.
 
-    For kernels that split their work over threads of their own and call BLAS from each
-    (kernels/workers.py): a product that also started OpenBLAS's threads would put two threads on
-    every core. OpenBLAS's thread count is one global setting (its ``openblas_set_num_threads_local``
-    sets the global count too, measured), so NumPy products that other threads of the program run
-    meanwhile are single-threaded as well. Blocks may overlap (two Python threads each running a
+    For kernels whose parallel loops call BLAS from each of their threads (kernels/blas.py): a
+    product that also started OpenBLAS's threads would put two threads on every core. OpenBLAS's
+    thread count is one global setting (its ``openblas_set_num_threads_local`` sets the global
+    count too, measured), so NumPy products that other threads of the program run meanwhile are
+    single-threaded as well. Blocks may overlap (two Python threads each running a
     kernel): the first to enter saves the counts, the last to leave puts them back.
     """
     with _single_blas["lock"]:
