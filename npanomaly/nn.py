@@ -15,7 +15,7 @@ import math
 import numpy as np
 
 from npanomaly import kernels
-from npanomaly.kernels import _config
+from npanomaly.kernels import _config, blas
 from npanomaly._validation import (
     check_array,
     check_batch,
@@ -393,7 +393,8 @@ class Conv2d(Module):
         algorithm="winograd" always runs Winograd, "im2col" never; "auto" runs it when the input is
         float32 and the layer is a dense 3x3 stride-1 convolution with at least WINOGRAD_MIN_CHANNELS
         input and output channels and the call has at least WINOGRAD_MIN_TILES output tiles per
-        image: below those the products are too narrow for BLAS and im2col is faster. The tile size:
+        image: below those the products are too narrow for BLAS and im2col is faster; and not
+        where NumPy's BLAS is not an OpenBLAS that kernels can call (kernels/blas.py). The tile size:
         m = 4 when both output sides are at least WINOGRAD_LARGE_TILE_SIZE, else m = 2 (measured in
         docs/speed.md). Counted per image, so an image's result never depends on its batch mates."""
         if self._algorithm == "im2col" or not hasattr(self.kernels, "winograd_conv2d_forward"):
@@ -404,6 +405,8 @@ class Conv2d(Module):
             return m
         if not self._winograd_shape() or max(pads) > 2 or x.dtype != np.float32:
             return None  # float64 is for exact cross-checks: it keeps im2col's sums (and compiles less)
+        if blas.BACKEND != "openblas":
+            return None  # Winograd's products would go through kernels/blas.py's slow NumPy callback
         tiles = -(-out_h // m) * -(-out_w // m)
         wide = min(self.in_channels, self.out_channels) >= WINOGRAD_MIN_CHANNELS
         return m if wide and tiles >= WINOGRAD_MIN_TILES else None

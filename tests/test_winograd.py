@@ -179,3 +179,15 @@ def test_patchcore_detects_as_well_with_winograd_as_with_im2col():
         results[algorithm] = (metrics.auroc(scores, category.labels), scores)
     assert results["winograd"][0] == results["im2col"][0]
     np.testing.assert_allclose(results["winograd"][1], results["im2col"][1], rtol=1e-3)
+
+
+def test_auto_keeps_im2col_where_kernels_cannot_call_openblas(monkeypatch):
+    from npanomaly.kernels import blas
+
+    x = np.zeros((2, 32, 32, 32), np.float32)
+    conv = nn.Conv2d(32, 32, 3, padding=1, seed=0)
+    assert conv._winograd_tile(x, (1, 1)) == 4
+    monkeypatch.setattr(blas, "BACKEND", "numpy")
+    assert conv._winograd_tile(x, (1, 1)) is None
+    conv.algorithm = "winograd"  # forced: still Winograd, through the slow but exact callback
+    assert conv._winograd_tile(x, (1, 1)) == 4
