@@ -14,12 +14,16 @@ Shapes used throughout:
     cols     [B, C*kh*kw, Ho*Wo] unfolded chunk of B images; row r = (c*kh + i)*kw + j
 """
 
+import numba
 import numpy as np
 from numba import njit, prange
 
-from . import memory
+from npanomaly import threads
+
+from . import blas, memory
 from ._config import IM2COL_BUDGET_BYTES, JIT_OPTIONS, PARALLEL_JIT_OPTIONS, REDUCTION_JIT_OPTIONS
 from .activation import clamp
+from .blas import gemm
 
 
 def conv2d_output_size(in_size, kernel, stride, pad):
@@ -72,6 +76,29 @@ def _split_phases(plane, phases):
                 phase_line[U(t)] = line[U(t * stride_w + q)]
 
 
+@njit(**JIT_OPTIONS)
+def _unfold_plane(plane, c, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, phases, cols):
+    """The kh*kw rows of channel c of one image's column matrix, from its plane [H, W]: see im2col.
+
+    Shapes: plane [H, W], phases [sh, sw, ceil(H / sh), ceil(W / sw)] (scratch), cols [C*kh*kw, out_h*out_w].
+    """
+    height, width = plane.shape
+    _split_phases(plane, phases)
+    for i in range(kernel_h):
+        oh_lo, oh_hi = _valid_outputs(out_h, height, stride_h, pad_h, i)
+        for j in range(kernel_w):
+            ow_lo, ow_hi, q, shift = _phase_columns(out_w, width, stride_w, pad_w, j)
+            row = cols[(c * kernel_h + i) * kernel_w + j]
+            if oh_lo > 0 or oh_hi < out_h or ow_lo > 0 or ow_hi < out_w:
+                row[:] = 0
+            for oh in range(oh_lo, oh_hi):
+                ih = oh * stride_h - pad_h + i
+                phase_line = phases[ih % stride_h, q, ih // stride_h]
+                base = oh * out_w
+                for ow in range(ow_lo, ow_hi):
+                    row[U(base + ow)] = phase_line[U(ow + shift)]
+
+
 @njit(**PARALLEL_JIT_OPTIONS)
 def im2col(x, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, cols):
     """Unfold the patches of x into cols, zeros where a patch overlaps the padding.
@@ -89,20 +116,53 @@ def im2col(x, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w
         b = job // channels
         c = job % channels
         phases = np.empty(phase_shape, dtype=x.dtype)
-        _split_phases(x[b, c], phases)
-        for i in range(kernel_h):
-            oh_lo, oh_hi = _valid_outputs(out_h, height, stride_h, pad_h, i)
-            for j in range(kernel_w):
-                ow_lo, ow_hi, q, shift = _phase_columns(out_w, width, stride_w, pad_w, j)
-                row = cols[b, (c * kernel_h + i) * kernel_w + j]
-                if oh_lo > 0 or oh_hi < out_h or ow_lo > 0 or ow_hi < out_w:
-                    row[:] = 0
-                for oh in range(oh_lo, oh_hi):
-                    ih = oh * stride_h - pad_h + i
-                    phase_line = phases[ih % stride_h, q, ih // stride_h]
-                    base = oh * out_w
-                    for ow in range(ow_lo, ow_hi):
-                        row[U(base + ow)] = phase_line[U(ow + shift)]
+        _unfold_plane(x[b, c], c, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, phases, cols[b])
+
+
+@njit(**JIT_OPTIONS)
+def convolve_images(x, w2, bias, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, first, stop,
+                    lower, upper, y):
+    """y[n] = clamp(W2 @ im2col(x[n]) + bias) for the images first..stop-1, one at a time: the
+    image's columns (none for a 1x1 stride-1 unpadded convolution, whose image is its column
+    matrix), one gemm on this thread, then the bias and a fused ReLU while y[n] is in cache.
+
+    Shapes: x [N, C, H, W], w2 [O, C*kh*kw], bias [O] -> y [N, O, out_h*out_w] (in place, at these
+    images only). Serial: one thread's share of conv2d_forward_images.
+    """
+    batch, channels, height, width = x.shape
+    out_channels, rows = w2.shape
+    positions = out_h * out_w
+    pointwise = kernel_h == 1 and kernel_w == 1 and stride_h == 1 and stride_w == 1 and pad_h == 0 and pad_w == 0
+    cols = np.empty((0 if pointwise else rows, positions), dtype=x.dtype)
+    phases = np.empty((stride_h, stride_w, (height + stride_h - 1) // stride_h, (width + stride_w - 1) // stride_w),
+                      dtype=x.dtype)
+    for n in range(first, stop):
+        if pointwise:
+            gemm(w2, x[n].reshape((channels, positions)), y[n])
+        else:
+            for c in range(channels):
+                _unfold_plane(x[n, c], c, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, phases,
+                              cols)
+            gemm(w2, cols, y[n])
+        for o in range(out_channels):
+            row = y[n, o]
+            for p in range(positions):
+                row[p] = clamp(row[p] + bias[o], lower, upper)
+
+
+@njit(**PARALLEL_JIT_OPTIONS)
+def conv2d_forward_images(x, w2, bias, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, shares,
+                          lower, upper, y):
+    """convolve_images of every image: y [N, O, out_h*out_w] (in place) from x [N, C, H, W].
+
+    Parallel: over ``shares`` contiguous shares of the images, one per thread, each image start to
+    end on one thread (its columns stay in that core's cache for the product, its output for the
+    bias). Used where every thread gets an image (conv2d_forward).
+    """
+    batch = x.shape[0]
+    for share in prange(shares):
+        convolve_images(x, w2, bias, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w,
+                        batch * share // shares, batch * (share + 1) // shares, lower, upper, y)
 
 
 @njit(**PARALLEL_JIT_OPTIONS)
@@ -202,6 +262,15 @@ def _unfolded_chunks(x, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, ou
         yield start, stop, part
 
 
+def _by_image(x, rows, positions, shares):
+    """Whether conv2d_forward runs image by image on its threads (conv2d_forward_images): in
+    float32 (float64 keeps the batched products, and one kernel less to compile), where kernels
+    can call OpenBLAS (kernels/blas.py), when every thread gets an image, and when a column matrix
+    per thread stays within IM2COL_BUDGET_BYTES."""
+    return (x.dtype == np.float32 and blas.BACKEND == "openblas" and x.shape[0] >= shares
+            and shares * rows * positions * x.itemsize <= IM2COL_BUDGET_BYTES)
+
+
 def conv2d_forward(x, weight, bias, stride_h, stride_w, pad_h, pad_w, lower=-np.inf, upper=np.inf):
     """Cross-correlate a batch with a filter bank, as torch.nn.functional.conv2d, optionally then a ReLU.
 
@@ -219,6 +288,14 @@ def conv2d_forward(x, weight, bias, stride_h, stride_w, pad_h, pad_w, lower=-np.
     w2 = weight.reshape(out_channels, channels * kernel_h * kernel_w)
     positions = out_h * out_w
     y = memory.empty((batch, out_channels, positions), x.dtype)
+    shares = numba.get_num_threads()
+    if _by_image(x, w2.shape[1], positions, shares):
+        w2 = np.ascontiguousarray(w2)
+        zeros = np.zeros(out_channels, y.dtype) if bias is None else bias
+        with threads.single_threaded_blas():
+            conv2d_forward_images(np.ascontiguousarray(x), w2, zeros, kernel_h, kernel_w, stride_h, stride_w, pad_h,
+                                  pad_w, out_h, out_w, shares, lower, upper, y)
+        return y.reshape(batch, out_channels, out_h, out_w)
     for start, stop, cols in _unfolded_chunks(x, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w):
         np.matmul(w2, cols, out=y[start:stop])
     if bias is not None or lower > -np.inf or upper < np.inf:

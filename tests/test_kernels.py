@@ -53,6 +53,32 @@ def test_conv2d_chunking_does_not_change_results(monkeypatch):
         np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-13)
 
 
+@given(case=window_cases(max_batch=5), out_channels=st.integers(1, 5), relu=st.booleans(), seed=st.integers(0, 2**16))
+def test_conv2d_image_by_image_matches_the_batched_products(case, out_channels, relu, seed):
+    """float32 with an image for every thread runs conv2d_forward_images (gemm on each thread,
+    bias and ReLU fused per image); it must equal the chunked path and the reference."""
+    import numba
+
+    import npanomaly.kernels.conv as conv
+
+    shape, kernel, stride, pad = case
+    x = random_array(seed, shape, np.float32)
+    weight = random_array(seed + 1, (out_channels, shape[1]) + kernel, np.float32)
+    bias = random_array(seed + 2, (out_channels,), np.float32)
+    lower = 0.0 if relu else -np.inf
+    calls = []
+    real = conv.conv2d_forward_images
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(conv, "conv2d_forward_images", lambda *a: calls.append(1) or real(*a))
+        by_image = conv.conv2d_forward(x, weight, bias, *stride, *pad, lower)
+        assert len(calls) == (shape[0] >= numba.get_num_threads())
+        patch.setattr(conv, "_by_image", lambda *a: False)
+        batched = conv.conv2d_forward(x, weight, bias, *stride, *pad, lower)
+    expected = np.maximum(ref.conv2d(x, weight, bias, stride, pad), lower)
+    np.testing.assert_allclose(by_image, batched, **TOL[np.float32])
+    np.testing.assert_allclose(by_image, expected, **TOL[np.float32])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @given(shape=st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 6), st.integers(1, 6))
        .filter(lambda s: s[0] * s[2] * s[3] > 1),
