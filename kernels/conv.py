@@ -119,50 +119,37 @@ def im2col(x, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w
         _unfold_plane(x[b, c], c, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, phases, cols[b])
 
 
-@njit(**JIT_OPTIONS)
-def convolve_images(x, w2, bias, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, first, stop,
-                    lower, upper, y):
-    """y[n] = clamp(W2 @ im2col(x[n]) + bias) for the images first..stop-1, one at a time: the
-    image's columns (none for a 1x1 stride-1 unpadded convolution, whose image is its column
-    matrix), one gemm on this thread, then the bias and a fused ReLU while y[n] is in cache.
+@njit(**PARALLEL_JIT_OPTIONS)
+def conv2d_forward_images(x, w2, bias, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, shares,
+                          lower, upper, y):
+    """y[n] = clamp(W2 @ im2col(x[n]) + bias) image by image: the image's columns (none for a 1x1
+    stride-1 unpadded convolution, whose image is its column matrix), one gemm on this thread,
+    then the bias and a fused ReLU while y[n] is in cache.
 
-    Shapes: x [N, C, H, W], w2 [O, C*kh*kw], bias [O] -> y [N, O, out_h*out_w] (in place, at these
-    images only). Serial: one thread's share of conv2d_forward_images.
+    Shapes: x [N, C, H, W], w2 [O, C*kh*kw], bias [O] -> y [N, O, out_h*out_w] (in place).
+    Parallel: over ``shares`` contiguous shares of the images, one per thread, each image start to
+    end on one thread. Used where every thread gets an image (conv2d_forward).
     """
     batch, channels, height, width = x.shape
     out_channels, rows = w2.shape
     positions = out_h * out_w
     pointwise = kernel_h == 1 and kernel_w == 1 and stride_h == 1 and stride_w == 1 and pad_h == 0 and pad_w == 0
-    cols = np.empty((0 if pointwise else rows, positions), dtype=x.dtype)
-    phases = np.empty((stride_h, stride_w, (height + stride_h - 1) // stride_h, (width + stride_w - 1) // stride_w),
-                      dtype=x.dtype)
-    for n in range(first, stop):
-        if pointwise:
-            gemm(w2, x[n].reshape((channels, positions)), y[n])
-        else:
-            for c in range(channels):
-                _unfold_plane(x[n, c], c, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, phases,
-                              cols)
-            gemm(w2, cols, y[n])
-        for o in range(out_channels):
-            row = y[n, o]
-            for p in range(positions):
-                row[p] = clamp(row[p] + bias[o], lower, upper)
-
-
-@njit(**PARALLEL_JIT_OPTIONS)
-def conv2d_forward_images(x, w2, bias, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, shares,
-                          lower, upper, y):
-    """convolve_images of every image: y [N, O, out_h*out_w] (in place) from x [N, C, H, W].
-
-    Parallel: over ``shares`` contiguous shares of the images, one per thread, each image start to
-    end on one thread (its columns stay in that core's cache for the product, its output for the
-    bias). Used where every thread gets an image (conv2d_forward).
-    """
-    batch = x.shape[0]
+    phase_shape = (stride_h, stride_w, (height + stride_h - 1) // stride_h, (width + stride_w - 1) // stride_w)
     for share in prange(shares):
-        convolve_images(x, w2, bias, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w,
-                        batch * share // shares, batch * (share + 1) // shares, lower, upper, y)
+        cols = np.empty((0 if pointwise else rows, positions), dtype=x.dtype)
+        phases = np.empty(phase_shape, dtype=x.dtype)
+        for n in range(batch * share // shares, batch * (share + 1) // shares):
+            if pointwise:
+                gemm(w2, x[n].reshape((channels, positions)), y[n])
+            else:
+                for c in range(channels):
+                    _unfold_plane(x[n, c], c, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w,
+                                  phases, cols)
+                gemm(w2, cols, y[n])
+            for o in range(out_channels):
+                row = y[n, o]
+                for p in range(positions):
+                    row[p] = clamp(row[p] + bias[o], lower, upper)
 
 
 @njit(**PARALLEL_JIT_OPTIONS)

@@ -260,84 +260,60 @@ def _share(jobs, shares, share):
     return jobs * share // shares, jobs * (share + 1) // shares
 
 
-@njit(**JIT_OPTIONS)
-def forward_share(x_nhwc, b_t, a_t, u, m, pad_h, pad_w, tiles_h, tiles_w, first, stop, block_rows, bias, lower,
-                  upper, y):
-    """The Winograd forward pass of tiles first..stop-1, in blocks of at most block_rows
-    consecutive tiles: V = input_transform, M[xi] = V[xi] @ U[xi] for each of the alpha^2 points
-    (gemm, on this thread), then output_transform into y.
-
-    Shapes: x_nhwc [N, H, W, C], u [alpha^2, C, O], bias [O] -> y [N, O, Ho, Wo] (in place, at
-    these tiles only). Serial: one thread's share of forward_blocks.
-    """
-    alpha2, channels, out_channels = u.shape
-    v_buffer = np.empty(alpha2 * block_rows * channels, dtype=x_nhwc.dtype)
-    m_buffer = np.empty(alpha2 * block_rows * out_channels, dtype=x_nhwc.dtype)
-    for start in range(first, stop, block_rows):
-        rows = min(block_rows, stop - start)
-        v = v_buffer[:alpha2 * rows * channels].reshape((alpha2, rows, channels))
-        mm = m_buffer[:alpha2 * rows * out_channels].reshape((alpha2, rows, out_channels))
-        input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, start, v)
-        for xi in range(alpha2):
-            gemm(v[xi], u[xi], mm[xi])
-        output_transform(mm, a_t, tiles_h, tiles_w, start, bias, lower, upper, y)
-
-
 @njit(**PARALLEL_JIT_OPTIONS)
 def forward_blocks(x_nhwc, b_t, a_t, u, m, pad_h, pad_w, tiles_h, tiles_w, block_rows, shares, bias, lower, upper,
                    y):
-    """forward_share of every tile: y [N, O, Ho, Wo] (in place) from x_nhwc [N, H, W, C].
+    """The Winograd forward pass of every tile, block by block: for each block of at most
+    block_rows consecutive tiles, V = input_transform, M[xi] = V[xi] @ U[xi] for each of the
+    alpha^2 points (gemm, on this thread), then output_transform into y.
 
+    Shapes: x_nhwc [N, H, W, C], u [alpha^2, C, O], bias [O] -> y [N, O, Ho, Wo] (in place).
     Parallel: over ``shares`` contiguous shares of the N*T tiles, one per thread; each share's
     blocks run start to end on its thread, so a block's V and M stay in that core's cache between
-    the steps, and each tile's output depends on nothing but its own block. (The loop's body is
-    one call: Numba's parallel-loop passes then have little to analyse, which keeps the compile
-    short.)
+    the steps, and each tile's output depends on nothing but its own block.
     """
+    alpha2, channels, out_channels = u.shape
     jobs = x_nhwc.shape[0] * tiles_h * tiles_w
     for share in prange(shares):
         first, stop = _share(jobs, shares, share)
-        forward_share(x_nhwc, b_t, a_t, u, m, pad_h, pad_w, tiles_h, tiles_w, first, stop, block_rows, bias, lower,
-                      upper, y)
-
-
-@njit(**JIT_OPTIONS)
-def weight_gradient_share(x_nhwc, g_nhwc, b_t, g, m, pad_h, pad_w, tiles_h, tiles_w, first, stop, block_rows,
-                          summed):
-    """summed[xi] += sum over tiles first..stop-1 of (G g G^T)[xi]^T (B^T d B)[xi], block by block:
-    the input tiles transformed by B^T, the m x m tiles of dL/dy by G, then one gemm per point that
-    accumulates into summed.
-
-    Shapes: x_nhwc [N, H, W, C], g_nhwc [N, Ho, Wo, O] -> summed [alpha^2, O, C] (accumulated in
-    place). Serial: one thread's share of weight_gradient_shares.
-    """
-    alpha2, out_channels, channels = summed.shape
-    v_buffer = np.empty(alpha2 * block_rows * channels, dtype=x_nhwc.dtype)
-    u_buffer = np.empty(alpha2 * block_rows * out_channels, dtype=x_nhwc.dtype)
-    for start in range(first, stop, block_rows):
-        rows = min(block_rows, stop - start)
-        v = v_buffer[:alpha2 * rows * channels].reshape((alpha2, rows, channels))
-        du = u_buffer[:alpha2 * rows * out_channels].reshape((alpha2, rows, out_channels))
-        input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, start, v)
-        input_transform(g_nhwc, g, m, 0, 0, tiles_h, tiles_w, start, du)
-        for xi in range(alpha2):
-            gemm(du[xi], v[xi], summed[xi], True, 1.0)
+        v_buffer = np.empty(alpha2 * block_rows * channels, dtype=x_nhwc.dtype)
+        m_buffer = np.empty(alpha2 * block_rows * out_channels, dtype=x_nhwc.dtype)
+        for start in range(first, stop, block_rows):
+            rows = min(block_rows, stop - start)
+            v = v_buffer[:alpha2 * rows * channels].reshape((alpha2, rows, channels))
+            mm = m_buffer[:alpha2 * rows * out_channels].reshape((alpha2, rows, out_channels))
+            input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, start, v)
+            for xi in range(alpha2):
+                gemm(v[xi], u[xi], mm[xi])
+            output_transform(mm, a_t, tiles_h, tiles_w, start, bias, lower, upper, y)
 
 
 @njit(**PARALLEL_JIT_OPTIONS)
 def weight_gradient_shares(x_nhwc, g_nhwc, b_t, g, m, pad_h, pad_w, tiles_h, tiles_w, block_rows, sums):
-    """weight_gradient_share of every share of the tiles: sums [shares, alpha^2, O, C] (zeros on
-    entry, accumulated in place) from x_nhwc [N, H, W, C] and g_nhwc [N, Ho, Wo, O].
+    """Each share's sum over its tiles for the weight gradient: sums[share, xi] = sum over the
+    share's tiles of (G g G^T)[xi]^T (B^T d B)[xi], block by block (the input tiles transformed by
+    B^T, the m x m tiles of dL/dy by G, then one gemm per point that accumulates into the sum).
 
+    Shapes: x_nhwc [N, H, W, C], g_nhwc [N, Ho, Wo, O] -> sums [shares, alpha^2, O, C] (zeros on
+    entry, accumulated in place).
     Parallel: over the shares, one per thread; the caller adds the shares' sums in order, so the
     result is the same on every call with the same thread count.
     """
-    shares = sums.shape[0]
+    shares, alpha2, out_channels, channels = sums.shape
     jobs = x_nhwc.shape[0] * tiles_h * tiles_w
+    unpadded = np.int64(0)  # not a literal 0, which would compile input_transform a second time
     for share in prange(shares):
         first, stop = _share(jobs, shares, share)
-        weight_gradient_share(x_nhwc, g_nhwc, b_t, g, m, pad_h, pad_w, tiles_h, tiles_w, first, stop, block_rows,
-                              sums[share])
+        v_buffer = np.empty(alpha2 * block_rows * channels, dtype=x_nhwc.dtype)
+        u_buffer = np.empty(alpha2 * block_rows * out_channels, dtype=x_nhwc.dtype)
+        for start in range(first, stop, block_rows):
+            rows = min(block_rows, stop - start)
+            v = v_buffer[:alpha2 * rows * channels].reshape((alpha2, rows, channels))
+            du = u_buffer[:alpha2 * rows * out_channels].reshape((alpha2, rows, out_channels))
+            input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, start, v)
+            input_transform(g_nhwc, g, m, unpadded, unpadded, tiles_h, tiles_w, start, du)
+            for xi in range(alpha2):
+                gemm(du[xi], v[xi], sums[share, xi], True, 1.0)
 
 
 def _thread_shares(jobs):
@@ -353,7 +329,8 @@ def _matrices(m, dtype):
     key = (m, np.dtype(dtype))
     if key not in _MATRICES:
         a_t, g, b_t = transform_matrices(m)
-        _MATRICES[key] = (a_t.astype(dtype), g, b_t.astype(dtype))
+        # C layout for all: a kernel compiles once per layout of each argument
+        _MATRICES[key] = (np.ascontiguousarray(a_t, dtype), np.ascontiguousarray(g), np.ascontiguousarray(b_t, dtype))
     return _MATRICES[key]
 
 
@@ -424,7 +401,7 @@ def winograd_conv2d_backward_weight(grad_out, x, pad_h, pad_w, m=4):
     batch, channels, height, width = x.shape
     out_channels, out_h, out_w = grad_out.shape[1:]
     a_t, g, b_t = transform_matrices(3, m)
-    a_t, g, b_t = (t.astype(x.dtype) for t in (a_t, g, b_t))
+    a_t, g, b_t = (np.ascontiguousarray(t, x.dtype) for t in (a_t, g, b_t))  # C layout: one compile
     alpha = m + 2
     tiles_h, tiles_w = -(-out_h // m), -(-out_w // m)
     x_nhwc, g_nhwc = _channels_last(x), _channels_last(grad_out)
