@@ -59,6 +59,13 @@ WINOGRAD_EVAL_CHUNK_BYTES = 8 * 3 * 224 * 224 * 4
 WINOGRAD_BLOCK_BYTES = 1024 * 1024
 WINOGRAD_MIN_BLOCK_TILES = 64
 
+# A weight gradient that runs on the kernels' threads (conv2d_backward_weight image by image,
+# Winograd's) sums one partial gradient per share of the images or tiles, then adds the partials
+# in order. The number of shares is this (fewer where the partials would pass IM2COL_BUDGET_BYTES),
+# never the thread count: threads.share_cores changes that from call to call on a busy machine, and
+# a gradient must not depend on it (two fits in one process would differ in the last bits).
+GRADIENT_SHARES = 8
+
 # Nearest-neighbour search screens distances one [query block, bank block] matrix at a time
 # (float32: 4096 x 2048 x 4 bytes = 32 MiB), so memory never grows with Q x M. Tall query blocks
 # keep the BLAS product efficient; the shape was the fastest of five tried in bench_patchcore.

@@ -53,7 +53,7 @@ def _prototype(c_type):
 
 
 def _numpy_gemm(dtype):
-    """The CBLAS gemm (row-major, op(b) = b) as a ctypes callback on NumPy's matmul."""
+    """The CBLAS gemm (row-major) as a ctypes callback on NumPy's matmul."""
     c_type = _C_TYPES[dtype]
 
     def view(address, rows, cols, stride):
@@ -64,7 +64,8 @@ def _numpy_gemm(dtype):
 
     def gemm(order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
         a_matrix = view(a, k, m, lda).T if trans_a == TRANS else view(a, m, k, lda)
-        product = alpha * (a_matrix @ view(b, k, n, ldb))
+        b_matrix = view(b, n, k, ldb).T if trans_b == TRANS else view(b, k, n, ldb)
+        product = alpha * (a_matrix @ b_matrix)
         out = view(c, m, n, ldc)
         out[...] = product if beta == 0.0 else product + beta * out  # beta = 0: c may hold anything
 
@@ -102,17 +103,17 @@ BACKEND = _register()
 
 
 @intrinsic
-def _gemm(typingctx, a, b, c, transpose_a, beta):
-    """c = op(a) @ b + beta * c through the registered symbol; op(a) = a.T when transpose_a.
+def _gemm(typingctx, a, b, c, transpose_a, transpose_b, beta):
+    """c = op(a) @ op(b) + beta * c through the registered symbol; op(t) = t.T when its flag is set.
     a, b, c: 2-D C-contiguous arrays of one float dtype (checked here, at compile time); their
-    shapes are not checked (gemm does that)."""
+    shapes are not checked (gemm does that): M, N come from c, K from a."""
     arrays = (a, b, c)
     if not all(isinstance(t, types.Array) and t.ndim == 2 and t.layout == "C" for t in arrays):
         return None
     if len({t.dtype for t in arrays}) != 1 or str(c.dtype) not in _SYMBOLS:
         return None
     dtype = c.dtype
-    signature = types.void(a, b, c, types.boolean, types.float64)
+    signature = types.void(a, b, c, types.boolean, types.boolean, types.float64)
 
     def codegen(context, builder, signature, args):
         i32, i64 = ir.IntType(32), ir.IntType(64)
@@ -123,36 +124,40 @@ def _gemm(typingctx, a, b, c, transpose_a, beta):
         function = cgutils.get_or_insert_function(builder.module, function_type, _SYMBOLS[str(dtype)])
         a_array, b_array, c_array = (context.make_array(t)(context, builder, v)
                                      for t, v in zip(signature.args[:3], args[:3]))
-        transpose, beta_value = args[3], context.cast(builder, args[4], types.float64, dtype)
-        a_rows = builder.extract_value(a_array.shape, 0)
-        a_cols = builder.extract_value(a_array.shape, 1)
-        m = builder.select(transpose, a_cols, a_rows)
-        k = builder.select(transpose, a_rows, a_cols)
-        n = builder.extract_value(b_array.shape, 1)
+        transpose_a, transpose_b = args[3], args[4]
+        beta_value = context.cast(builder, args[5], types.float64, dtype)
+        m, n = (builder.extract_value(c_array.shape, axis) for axis in (0, 1))
+        a_rows, a_cols = (builder.extract_value(a_array.shape, axis) for axis in (0, 1))
+        k = builder.select(transpose_a, a_rows, a_cols)
         one = ir.Constant(i64, 1)
-        leading = [builder.select(builder.icmp_signed("<", v, one), one, v) for v in (a_cols, n)]  # >= 1
-        builder.call(function, [ir.Constant(i32, ROW_MAJOR), builder.select(transpose, ir.Constant(i32, TRANS),
-                                                                             ir.Constant(i32, NO_TRANS)),
-                                ir.Constant(i32, NO_TRANS), m, n, k, ir.Constant(real, 1.0), a_array.data,
-                                leading[0], b_array.data, leading[1], beta_value, c_array.data, leading[1]])
+        lda, ldb, ldc = (builder.select(builder.icmp_signed("<", width, one), one, width)  # BLAS wants >= 1
+                         for width in (builder.extract_value(t.shape, 1) for t in (a_array, b_array, c_array)))
+
+        def flag(transpose):
+            return builder.select(transpose, ir.Constant(i32, TRANS), ir.Constant(i32, NO_TRANS))
+
+        builder.call(function, [ir.Constant(i32, ROW_MAJOR), flag(transpose_a), flag(transpose_b), m, n, k,
+                                ir.Constant(real, 1.0), a_array.data, lda, b_array.data, ldb, beta_value,
+                                c_array.data, ldc])
         return context.get_dummy_value()
 
     return signature, codegen
 
 
 @njit(**JIT_OPTIONS)
-def gemm(a, b, out, transpose_a=False, beta=0.0):
-    """out = op(a) @ b + beta * out, in place, with op(a) = a.T when transpose_a (BLAS's gemm).
+def gemm(a, b, out, transpose_a=False, beta=0.0, transpose_b=False):
+    """out = op(a) @ op(b) + beta * out, in place, with op(t) = t.T where its flag is set (BLAS's gemm).
 
-    Shapes: a [M, K] (or [K, M] transposed), b [K, N], out [M, N]; 2-D, C-contiguous, one float
-    dtype. beta = 0 ignores what out held (as BLAS does); beta = 1 accumulates into it. Serial: it
-    runs on the calling thread, which is one thread of a kernel's parallel loop (OpenBLAS's own
-    threads off, see threads.single_threaded_blas).
+    Shapes: op(a) [M, K], op(b) [K, N], out [M, N]; 2-D, C-contiguous, one float dtype. beta = 0
+    ignores what out held (as BLAS does); beta = 1 accumulates into it. Serial: it runs on the
+    calling thread, which is one thread of a kernel's parallel loop (OpenBLAS's own threads off,
+    see threads.single_threaded_blas).
     """
     rows, inner = (a.shape[1], a.shape[0]) if transpose_a else (a.shape[0], a.shape[1])
-    if b.shape[0] != inner or out.shape[0] != rows or out.shape[1] != b.shape[1]:
+    b_inner, columns = (b.shape[1], b.shape[0]) if transpose_b else (b.shape[0], b.shape[1])
+    if b_inner != inner or out.shape[0] != rows or out.shape[1] != columns:
         raise ValueError("gemm: the shapes of a, b and out do not chain")
-    if rows == 0 or b.shape[1] == 0:
+    if rows == 0 or columns == 0:
         return
     if inner == 0:  # no products to sum: BLAS would reject the leading dimensions
         if beta == 0.0:
@@ -160,4 +165,4 @@ def gemm(a, b, out, transpose_a=False, beta=0.0):
         else:
             out *= beta
         return
-    _gemm(a, b, out, transpose_a, beta)
+    _gemm(a, b, out, transpose_a, transpose_b, beta)

@@ -21,7 +21,7 @@ from numba import njit, prange
 from npanomaly import threads
 
 from . import blas, memory
-from ._config import IM2COL_BUDGET_BYTES, JIT_OPTIONS, PARALLEL_JIT_OPTIONS, REDUCTION_JIT_OPTIONS
+from ._config import GRADIENT_SHARES, IM2COL_BUDGET_BYTES, JIT_OPTIONS, PARALLEL_JIT_OPTIONS, REDUCTION_JIT_OPTIONS
 from .activation import clamp
 from .blas import gemm
 
@@ -152,6 +152,25 @@ def conv2d_forward_images(x, w2, bias, kernel_h, kernel_w, stride_h, stride_w, p
                     row[p] = clamp(row[p] + bias[o], lower, upper)
 
 
+@njit(**JIT_OPTIONS)
+def _fold_plane(cols, c, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, plane):
+    """plane += the kh*kw rows of channel c of one image's column gradients: see col2im_add.
+
+    Shapes: cols [C*kh*kw, out_h*out_w], plane [H, W] (accumulated in place).
+    """
+    height, width = plane.shape
+    for i in range(kernel_h):
+        oh_lo, oh_hi = _valid_outputs(out_h, height, stride_h, pad_h, i)
+        for j in range(kernel_w):
+            ow_lo, ow_hi = _valid_outputs(out_w, width, stride_w, pad_w, j)
+            row = cols[(c * kernel_h + i) * kernel_w + j]
+            for oh in range(oh_lo, oh_hi):
+                line = plane[oh * stride_h - pad_h + i]
+                base = oh * out_w
+                for ow in range(ow_lo, ow_hi):
+                    line[U(ow * stride_w - pad_w + j)] += row[U(base + ow)]
+
+
 @njit(**PARALLEL_JIT_OPTIONS)
 def col2im_add(cols, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, x):
     """Fold column gradients back onto the image: the adjoint of im2col, accumulated into x.
@@ -164,21 +183,81 @@ def col2im_add(cols, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h
     Parallel: over (b, c) planes; every row that adds into plane (b, c) belongs to channel c, so
     no two iterations write the same element.
     """
-    batch, channels, height, width = x.shape
+    batch, channels = x.shape[:2]
     for job in prange(batch * channels):
         b = job // channels
         c = job % channels
-        plane = x[b, c]
-        for i in range(kernel_h):
-            oh_lo, oh_hi = _valid_outputs(out_h, height, stride_h, pad_h, i)
-            for j in range(kernel_w):
-                ow_lo, ow_hi = _valid_outputs(out_w, width, stride_w, pad_w, j)
-                row = cols[b, (c * kernel_h + i) * kernel_w + j]
-                for oh in range(oh_lo, oh_hi):
-                    line = plane[oh * stride_h - pad_h + i]
-                    base = oh * out_w
-                    for ow in range(ow_lo, ow_hi):
-                        line[U(ow * stride_w - pad_w + j)] += row[U(base + ow)]
+        _fold_plane(cols[b], c, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, x[b, c])
+
+
+@njit(**PARALLEL_JIT_OPTIONS)
+def conv2d_backward_images(grad_out, x, w2, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_w,
+                           weight_grad, grad_w2, input_grad, grad_x):
+    """A convolution's gradients image by image, on one pool (as conv2d_forward_images): when
+    weight_grad, grad_w2[share] += dL/dy[n] @ im2col(x[n])^T (the image's columns, then one gemm
+    that accumulates); when input_grad, grad_x[n] = col2im(W2^T @ dL/dy[n]) (one gemm into the
+    column buffer, then the fold). A pointwise convolution's image is its own column matrix.
+
+    Shapes: grad_out [N, O, P], x [N, C, H, W], w2 [O, C*kh*kw] -> grad_w2 [shares, O, C*kh*kw]
+    (zeros on entry, a partial sum per share) and grad_x [N, C, H, W] (zeros on entry). x and
+    grad_w2 are not read without weight_grad, nor grad_x written without input_grad (the callers
+    pass empty arrays there).
+    Parallel: over grad_w2.shape[0] contiguous shares of the images; the caller adds the shares'
+    sums in order, and fixes their number without looking at the thread count (GRADIENT_SHARES).
+    """
+    batch, out_channels, positions = grad_out.shape
+    rows = w2.shape[1]
+    shares = grad_w2.shape[0]
+    channels, height, width = grad_x.shape[1:] if input_grad else x.shape[1:]
+    out_h = positions // out_w
+    pointwise = kernel_h == 1 and kernel_w == 1 and stride_h == 1 and stride_w == 1 and pad_h == 0 and pad_w == 0
+    phase_shape = (stride_h, stride_w, (height + stride_h - 1) // stride_h, (width + stride_w - 1) // stride_w)
+    for share in prange(shares):
+        cols = np.empty((0 if pointwise else rows, positions), dtype=grad_out.dtype)
+        phases = np.empty(phase_shape, dtype=grad_out.dtype)
+        for n in range(batch * share // shares, batch * (share + 1) // shares):
+            if weight_grad:
+                if pointwise:
+                    gemm(grad_out[n], x[n].reshape((channels, positions)), grad_w2[share], False, 1.0, True)
+                else:
+                    for c in range(channels):
+                        _unfold_plane(x[n, c], c, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w,
+                                      phases, cols)
+                    gemm(grad_out[n], cols, grad_w2[share], False, 1.0, True)
+            if input_grad:
+                if pointwise:
+                    gemm(w2, grad_out[n], grad_x[n].reshape((channels, positions)), True)
+                else:
+                    gemm(w2, grad_out[n], cols, True)
+                    for c in range(channels):
+                        _fold_plane(cols, c, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w,
+                                    grad_x[n, c])
+
+
+def _backward_by_image(grad_out, x, weight, stride_h, stride_w, pad_h, pad_w, weight_grad, in_shape):
+    """conv2d_backward_images for one of the two gradients: dL/dweight when weight_grad, else
+    dL/dx of shape in_shape."""
+    batch, out_channels, out_h, out_w = grad_out.shape
+    _, channels, kernel_h, kernel_w = weight.shape
+    rows = channels * kernel_h * kernel_w
+    dtype = grad_out.dtype
+    if weight_grad:
+        shares = _gradient_shares(batch, out_channels * rows * dtype.itemsize)
+    else:
+        shares = min(numba.get_num_threads(), batch)  # each image's gradient is its own: any split
+    grad_w2 = np.zeros((shares, out_channels, rows) if weight_grad else (shares, 0, 0), dtype)
+    grad_x = memory.zeros((0, 0, 0, 0) if weight_grad else in_shape, dtype)
+    x = np.ascontiguousarray(x) if weight_grad else np.empty((0, 0, 0, 0), dtype)
+    with threads.single_threaded_blas():
+        conv2d_backward_images(np.ascontiguousarray(grad_out).reshape(batch, out_channels, out_h * out_w), x,
+                               np.ascontiguousarray(weight).reshape(out_channels, rows), kernel_h, kernel_w,
+                               stride_h, stride_w, pad_h, pad_w, out_w, weight_grad, grad_w2, not weight_grad, grad_x)
+    if not weight_grad:
+        return grad_x
+    summed = grad_w2[0]
+    for share in range(1, shares):
+        summed += grad_w2[share]
+    return summed.reshape(weight.shape)
 
 
 @njit(**PARALLEL_JIT_OPTIONS)
@@ -249,6 +328,12 @@ def _unfolded_chunks(x, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, ou
         yield start, stop, part
 
 
+def _gradient_shares(jobs, partial_bytes):
+    """How many partial sums a weight gradient over ``jobs`` images or tiles adds up: GRADIENT_SHARES,
+    at most one per job, fewer where the partials of partial_bytes each would pass IM2COL_BUDGET_BYTES."""
+    return max(1, min(jobs, GRADIENT_SHARES, IM2COL_BUDGET_BYTES // max(1, partial_bytes)))
+
+
 def _by_image(x, rows, positions, shares):
     """Whether conv2d_forward runs image by image on its threads (conv2d_forward_images): in
     float32 (float64 keeps the batched products, and one kernel less to compile), where kernels
@@ -302,6 +387,9 @@ def conv2d_backward_input(grad_out, weight, in_h, in_w, stride_h, stride_w, pad_
     _, channels, kernel_h, kernel_w = weight.shape
     rows = channels * kernel_h * kernel_w
     positions = out_h * out_w
+    if _by_image(grad_out, rows, positions, numba.get_num_threads()):
+        return _backward_by_image(grad_out, None, weight, stride_h, stride_w, pad_h, pad_w, False,
+                                  (batch, channels, in_h, in_w))
     w2t = weight.reshape(out_channels, rows).T
     g = grad_out.reshape(batch, out_channels, positions)
     if _is_pointwise(kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w):
@@ -330,6 +418,9 @@ def conv2d_backward_weight(grad_out, x, kernel_h, kernel_w, stride_h, stride_w, 
     batch, out_channels, out_h, out_w = grad_out.shape
     channels = x.shape[1]
     rows = channels * kernel_h * kernel_w
+    if _by_image(x, rows, out_h * out_w, min(batch, GRADIENT_SHARES)):  # never by the thread count
+        filters = np.empty((out_channels, channels, kernel_h, kernel_w), x.dtype)  # their shape; values unread
+        return _backward_by_image(grad_out, x, filters, stride_h, stride_w, pad_h, pad_w, True, None)
     g = grad_out.reshape(batch, out_channels, out_h * out_w)
     # Accumulated transposed, (dL/dW2)^T = sum_n cols[n] @ dL/dy[n]^T: OpenBLAS runs this
     # orientation 35% faster for first layers (27 rows, 16k positions) and within 5% elsewhere.

@@ -296,8 +296,8 @@ def weight_gradient_shares(x_nhwc, g_nhwc, b_t, g, m, pad_h, pad_w, tiles_h, til
 
     Shapes: x_nhwc [N, H, W, C], g_nhwc [N, Ho, Wo, O] -> sums [shares, alpha^2, O, C] (zeros on
     entry, accumulated in place).
-    Parallel: over the shares, one per thread; the caller adds the shares' sums in order, so the
-    result is the same on every call with the same thread count.
+    Parallel: over the shares; the caller adds the shares' sums in order and fixes their number
+    without looking at the thread count (GRADIENT_SHARES), so the result never depends on it.
     """
     shares, alpha2, out_channels, channels = sums.shape
     jobs = x_nhwc.shape[0] * tiles_h * tiles_w
@@ -394,8 +394,8 @@ def winograd_conv2d_backward_weight(grad_out, x, pad_h, pad_w, m=4):
         dW[o, c] = A^T [ sum_tiles (G g_o G^T) * (B^T d_c B) ] A,
     so the alpha^2 products are [O, tiles] @ [tiles, C], long in the summed dimension (BLAS's best
     case: the blocks are as long as IM2COL_BUDGET_BYTES allows per thread), and the input tiles are
-    transformed exactly as in the forward pass. Each thread sums its share of the tiles; the
-    shares' sums are added at the end.
+    transformed exactly as in the forward pass. Each share of the tiles is summed on one thread;
+    the shares' sums are added at the end, in order.
     """
     grad_out, x = np.ascontiguousarray(grad_out), np.ascontiguousarray(x)
     batch, channels, height, width = x.shape
@@ -406,7 +406,8 @@ def winograd_conv2d_backward_weight(grad_out, x, pad_h, pad_w, m=4):
     tiles_h, tiles_w = -(-out_h // m), -(-out_w // m)
     x_nhwc, g_nhwc = _channels_last(x), _channels_last(grad_out)
     jobs = batch * tiles_h * tiles_w
-    shares = _thread_shares(jobs)
+    partial_bytes = alpha * alpha * out_channels * channels * x.itemsize
+    shares = max(1, min(jobs, _config.GRADIENT_SHARES, _config.IM2COL_BUDGET_BYTES // partial_bytes))
     block_rows = _block_rows(alpha, channels + out_channels, x.itemsize, _config.IM2COL_BUDGET_BYTES // shares)
     block_rows = min(block_rows, -(-jobs // shares))
     sums = np.zeros((shares, alpha * alpha, out_channels, channels), x.dtype)

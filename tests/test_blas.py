@@ -137,3 +137,30 @@ def test_winograd_gives_the_same_bits_on_every_call(monkeypatch):
     first = winograd.winograd_conv2d_forward(x, weight, bias, 1, 1)
     for _ in range(5):
         np.testing.assert_array_equal(winograd.winograd_conv2d_forward(x, weight, bias, 1, 1), first)
+
+
+def test_weight_gradients_do_not_depend_on_the_thread_count():
+    """share_cores changes the thread count between calls on a busy machine; the weight gradients
+    that sum per-share partials (im2col image by image, Winograd) must give the same bits anyway."""
+    import numba
+
+    from npanomaly.kernels import conv
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs Numba with at least 2 threads")
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((6, 8, 15, 13)).astype(np.float32)
+    grad_3x3 = rng.standard_normal((6, 5, 15, 13)).astype(np.float32)
+    grad_strided = rng.standard_normal((6, 5, 8, 7)).astype(np.float32)
+    saved = numba.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            numba.set_num_threads(count)
+            results.append((conv.conv2d_backward_weight(grad_strided, x, 3, 3, 2, 2, 1, 1),
+                            winograd.winograd_conv2d_backward_weight(grad_3x3, x, 1, 1, 4),
+                            winograd.winograd_conv2d_backward_weight(grad_3x3, x, 1, 1, 2)))
+    finally:
+        numba.set_num_threads(saved)
+    for one, two in zip(*results):
+        np.testing.assert_array_equal(one, two)

@@ -55,8 +55,9 @@ def test_conv2d_chunking_does_not_change_results(monkeypatch):
 
 @given(case=window_cases(max_batch=5), out_channels=st.integers(1, 5), relu=st.booleans(), seed=st.integers(0, 2**16))
 def test_conv2d_image_by_image_matches_the_batched_products(case, out_channels, relu, seed):
-    """float32 with an image for every thread runs conv2d_forward_images (gemm on each thread,
-    bias and ReLU fused per image); it must equal the chunked path and the reference."""
+    """float32 with an image for every thread runs conv2d_forward_images and conv2d_backward_images
+    (gemm on each thread; bias and ReLU fused per image; per-thread partial weight gradients); they
+    must equal the batched path and the reference."""
     import numba
 
     import npanomaly.kernels.conv as conv
@@ -66,17 +67,29 @@ def test_conv2d_image_by_image_matches_the_batched_products(case, out_channels, 
     weight = random_array(seed + 1, (out_channels, shape[1]) + kernel, np.float32)
     bias = random_array(seed + 2, (out_channels,), np.float32)
     lower = 0.0 if relu else -np.inf
+
+    def run():
+        y = conv.conv2d_forward(x, weight, bias, *stride, *pad, lower)
+        grad_out = random_array(seed + 3, y.shape, np.float32)
+        return (y, conv.conv2d_backward_weight(grad_out, x, *kernel, *stride, *pad),
+                conv.conv2d_backward_input(grad_out, weight, *shape[2:], *stride, *pad))
+
     calls = []
-    real = conv.conv2d_forward_images
+    real = conv.conv2d_forward_images, conv.conv2d_backward_images
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(conv, "conv2d_forward_images", lambda *a: calls.append(1) or real(*a))
-        by_image = conv.conv2d_forward(x, weight, bias, *stride, *pad, lower)
-        assert len(calls) == (shape[0] >= numba.get_num_threads())
+        patch.setattr(conv, "conv2d_forward_images", lambda *a: calls.append(1) or real[0](*a))
+        patch.setattr(conv, "conv2d_backward_images", lambda *a: calls.append(2) or real[1](*a))
+        by_image = run()
+        # the weight gradient always (its partial sums never depend on the thread count), the
+        # others where every thread gets an image
+        assert calls == ([1, 2, 2] if shape[0] >= numba.get_num_threads() else [2])
         patch.setattr(conv, "_by_image", lambda *a: False)
-        batched = conv.conv2d_forward(x, weight, bias, *stride, *pad, lower)
-    expected = np.maximum(ref.conv2d(x, weight, bias, stride, pad), lower)
-    np.testing.assert_allclose(by_image, batched, **TOL[np.float32])
-    np.testing.assert_allclose(by_image, expected, **TOL[np.float32])
+        batched = run()
+    y64 = np.maximum(ref.conv2d(x, weight, bias, stride, pad), lower)
+    grad_x, grad_w, _ = ref.conv2d_grads(x, weight, random_array(seed + 3, y64.shape, np.float32), stride, pad)
+    for got, same, expected in zip(by_image, batched, (y64, grad_w, grad_x)):
+        np.testing.assert_allclose(got, same, **TOL[np.float32])
+        np.testing.assert_allclose(got, expected, **TOL[np.float32])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
