@@ -64,7 +64,9 @@ WINOGRAD_MIN_BLOCK_TILES = 64
 # in order. The number of shares is this (fewer where the partials would pass IM2COL_BUDGET_BYTES),
 # never the thread count: threads.share_cores changes that from call to call on a busy machine, and
 # a gradient must not depend on it (two fits in one process would differ in the last bits).
-GRADIENT_SHARES = 8
+# Measured, Winograd's weight gradient at 256 channels @14, batch 8, 2 threads: 2 / 4 / 8 shares
+# took 28-33 / 15-21 / 24-70 ms (128 @28 and 64 @56 within 15% of each other).
+GRADIENT_SHARES = 4
 
 # Nearest-neighbour search screens distances one [query block, bank block] matrix at a time
 # (float32: 4096 x 2048 x 4 bytes = 32 MiB), so memory never grows with Q x M. Tall query blocks
