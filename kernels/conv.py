@@ -119,6 +119,18 @@ def im2col(x, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w
         _unfold_plane(x[b, c], c, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, phases, cols[b])
 
 
+@njit(**JIT_OPTIONS)
+def _image_scratch(x_shape, rows, positions, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dtype):
+    """(pointwise, cols [rows, positions], phases) for unfolding one image of shape x_shape [C, H, W]
+    at a time; a pointwise convolution (1x1, stride 1, no padding) needs no columns (0 rows)."""
+    channels, height, width = x_shape
+    pointwise = kernel_h == 1 and kernel_w == 1 and stride_h == 1 and stride_w == 1 and pad_h == 0 and pad_w == 0
+    cols = np.empty((0 if pointwise else rows, positions), dtype=dtype)
+    phases = np.empty((stride_h, stride_w, (height + stride_h - 1) // stride_h, (width + stride_w - 1) // stride_w),
+                      dtype=dtype)
+    return pointwise, cols, phases
+
+
 @njit(**PARALLEL_JIT_OPTIONS)
 def conv2d_forward_images(x, w2, bias, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, shares,
                           lower, upper, y):
@@ -130,14 +142,12 @@ def conv2d_forward_images(x, w2, bias, kernel_h, kernel_w, stride_h, stride_w, p
     Parallel: over ``shares`` contiguous shares of the images, one per thread, each image start to
     end on one thread. Used where every thread gets an image (conv2d_forward).
     """
-    batch, channels, height, width = x.shape
+    batch, channels = x.shape[:2]
     out_channels, rows = w2.shape
     positions = out_h * out_w
-    pointwise = kernel_h == 1 and kernel_w == 1 and stride_h == 1 and stride_w == 1 and pad_h == 0 and pad_w == 0
-    phase_shape = (stride_h, stride_w, (height + stride_h - 1) // stride_h, (width + stride_w - 1) // stride_w)
     for share in prange(shares):
-        cols = np.empty((0 if pointwise else rows, positions), dtype=x.dtype)
-        phases = np.empty(phase_shape, dtype=x.dtype)
+        pointwise, cols, phases = _image_scratch(x.shape[1:], rows, positions, kernel_h, kernel_w, stride_h, stride_w,
+                                                 pad_h, pad_w, x.dtype)
         for n in range(batch * share // shares, batch * (share + 1) // shares):
             if pointwise:
                 gemm(w2, x[n].reshape((channels, positions)), y[n])
@@ -208,13 +218,12 @@ def conv2d_backward_images(grad_out, x, w2, kernel_h, kernel_w, stride_h, stride
     batch, out_channels, positions = grad_out.shape
     rows = w2.shape[1]
     shares = grad_w2.shape[0]
-    channels, height, width = grad_x.shape[1:] if input_grad else x.shape[1:]
+    image_shape = grad_x.shape[1:] if input_grad else x.shape[1:]
+    channels = image_shape[0]
     out_h = positions // out_w
-    pointwise = kernel_h == 1 and kernel_w == 1 and stride_h == 1 and stride_w == 1 and pad_h == 0 and pad_w == 0
-    phase_shape = (stride_h, stride_w, (height + stride_h - 1) // stride_h, (width + stride_w - 1) // stride_w)
     for share in prange(shares):
-        cols = np.empty((0 if pointwise else rows, positions), dtype=grad_out.dtype)
-        phases = np.empty(phase_shape, dtype=grad_out.dtype)
+        pointwise, cols, phases = _image_scratch(image_shape, rows, positions, kernel_h, kernel_w, stride_h, stride_w,
+                                                 pad_h, pad_w, grad_out.dtype)
         for n in range(batch * share // shares, batch * (share + 1) // shares):
             if weight_grad:
                 if pointwise:

@@ -260,6 +260,21 @@ def _share(jobs, shares, share):
     return jobs * share // shares, jobs * (share + 1) // shares
 
 
+@njit(**JIT_OPTIONS)
+def _block_buffers(alpha2, block_rows, channels, out_channels, dtype):
+    """One thread's flat scratch for a block's transformed tiles of both sides (input channels
+    and output channels), views of it taken by _points_view."""
+    return (np.empty(alpha2 * block_rows * channels, dtype=dtype),
+            np.empty(alpha2 * block_rows * out_channels, dtype=dtype))
+
+
+@njit(**JIT_OPTIONS)
+def _points_view(buffer, alpha2, rows, width):
+    """The first alpha2 * rows * width values of a flat scratch buffer as [alpha2, rows, width]:
+    one block's transformed tiles (C-contiguous, so each kernel compiles once)."""
+    return buffer[:alpha2 * rows * width].reshape((alpha2, rows, width))
+
+
 @njit(**PARALLEL_JIT_OPTIONS)
 def forward_blocks(x_nhwc, b_t, a_t, u, m, pad_h, pad_w, tiles_h, tiles_w, block_rows, shares, bias, lower, upper,
                    y):
@@ -276,12 +291,10 @@ def forward_blocks(x_nhwc, b_t, a_t, u, m, pad_h, pad_w, tiles_h, tiles_w, block
     jobs = x_nhwc.shape[0] * tiles_h * tiles_w
     for share in prange(shares):
         first, stop = _share(jobs, shares, share)
-        v_buffer = np.empty(alpha2 * block_rows * channels, dtype=x_nhwc.dtype)
-        m_buffer = np.empty(alpha2 * block_rows * out_channels, dtype=x_nhwc.dtype)
+        v_buffer, m_buffer = _block_buffers(alpha2, block_rows, channels, out_channels, x_nhwc.dtype)
         for start in range(first, stop, block_rows):
-            rows = min(block_rows, stop - start)
-            v = v_buffer[:alpha2 * rows * channels].reshape((alpha2, rows, channels))
-            mm = m_buffer[:alpha2 * rows * out_channels].reshape((alpha2, rows, out_channels))
+            v = _points_view(v_buffer, alpha2, min(block_rows, stop - start), channels)
+            mm = _points_view(m_buffer, alpha2, v.shape[1], out_channels)
             input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, start, v)
             for xi in range(alpha2):
                 gemm(v[xi], u[xi], mm[xi])
@@ -304,12 +317,10 @@ def weight_gradient_shares(x_nhwc, g_nhwc, b_t, g, m, pad_h, pad_w, tiles_h, til
     unpadded = np.int64(0)  # not a literal 0, which would compile input_transform a second time
     for share in prange(shares):
         first, stop = _share(jobs, shares, share)
-        v_buffer = np.empty(alpha2 * block_rows * channels, dtype=x_nhwc.dtype)
-        u_buffer = np.empty(alpha2 * block_rows * out_channels, dtype=x_nhwc.dtype)
+        v_buffer, u_buffer = _block_buffers(alpha2, block_rows, channels, out_channels, x_nhwc.dtype)
         for start in range(first, stop, block_rows):
-            rows = min(block_rows, stop - start)
-            v = v_buffer[:alpha2 * rows * channels].reshape((alpha2, rows, channels))
-            du = u_buffer[:alpha2 * rows * out_channels].reshape((alpha2, rows, out_channels))
+            v = _points_view(v_buffer, alpha2, min(block_rows, stop - start), channels)
+            du = _points_view(u_buffer, alpha2, v.shape[1], out_channels)
             input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, start, v)
             input_transform(g_nhwc, g, m, unpadded, unpadded, tiles_h, tiles_w, start, du)
             for xi in range(alpha2):
