@@ -58,6 +58,11 @@ WINOGRAD_EVAL_CHUNK_BYTES = 8 * 3 * 224 * 224 * 4
 # tiles 0.68-1.23x, slower on 5 of 7 layers.
 WINOGRAD_BLOCK_BYTES = 1024 * 1024
 WINOGRAD_MIN_BLOCK_TILES = 64
+# The weight gradient's blocks are longer: each block's products accumulate into the share's
+# alpha^2 x O x C partial sums (16 MB at 512 channels), read and written once per block. Measured,
+# batch 8, 2 threads, 1 / 4 / 16 MiB: 512 @14 71-132 / 61-72 / 59-69 ms, 256 @28 35-42 / 34-37 /
+# 33-34 ms, 64 @56 13-15 / 13-15 / 17-19 ms, 128 @28 and 256 @14 within the noise.
+WINOGRAD_GRADIENT_BLOCK_BYTES = 4 * 1024 * 1024
 
 # A weight gradient that runs on the kernels' threads (conv2d_backward_weight image by image,
 # Winograd's) sums one partial gradient per share of the images or tiles, then adds the partials

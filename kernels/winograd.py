@@ -404,7 +404,7 @@ def winograd_conv2d_backward_weight(grad_out, x, pad_h, pad_w, m=4):
     moves inside the transforms:
         dW[o, c] = A^T [ sum_tiles (G g_o G^T) * (B^T d_c B) ] A,
     so the alpha^2 products are [O, tiles] @ [tiles, C], long in the summed dimension (BLAS's best
-    case), in blocks of about WINOGRAD_BLOCK_BYTES as in the forward pass, and the input tiles are
+    case), in blocks of about WINOGRAD_GRADIENT_BLOCK_BYTES, and the input tiles are
     transformed exactly as in the forward pass. Each share of the tiles is summed on one thread;
     the shares' sums are added at the end, in order.
     """
@@ -419,7 +419,7 @@ def winograd_conv2d_backward_weight(grad_out, x, pad_h, pad_w, m=4):
     jobs = batch * tiles_h * tiles_w
     partial_bytes = alpha * alpha * out_channels * channels * x.itemsize
     shares = max(1, min(jobs, _config.GRADIENT_SHARES, _config.IM2COL_BUDGET_BYTES // partial_bytes))
-    block_rows = _block_rows(alpha, channels + out_channels, x.itemsize, _config.WINOGRAD_BLOCK_BYTES)
+    block_rows = _block_rows(alpha, channels + out_channels, x.itemsize, _config.WINOGRAD_GRADIENT_BLOCK_BYTES)
     block_rows = min(block_rows, -(-jobs // shares))
     sums = np.zeros((shares, alpha * alpha, out_channels, channels), x.dtype)
     with threads.single_threaded_blas():
