@@ -230,21 +230,24 @@ def output_transform(mm, a_t, tiles_h, tiles_w, first, bias, lower, upper, y):
                     y[n, o, th * m + i, tw * m + j] = clamp(out[o], lower, upper)
 
 
-@njit(**JIT_OPTIONS)
+@njit(**PARALLEL_JIT_OPTIONS)
 def to_channels_last(x, out):
     """out[n, h, w, c] = x[n, c, h, w]: [N, C, H, W] -> [N, H, W, C].
 
     NumPy's copy of the transposed view runs 4-15x slower here (and slowest on power-of-two sizes,
-    whose strides alias in the cache): one image row of every channel at a time instead. Serial:
-    a copy is bound by memory (as fast as a parallel loop here, measured), and compiles faster.
+    whose strides alias in the cache): one image row of every channel at a time instead.
+    Parallel: over (n, h) rows of the output, each written by one iteration. (Serial, it took
+    1.58 ms against 0.35 ms at 8 x 64 x 56 x 56 and 4.6 against 2.6 ms at 8 x 128 x 56 x 56, 2
+    threads: a quarter of a ResNet-18 layer1 convolution.)
     """
     batch, channels, height, width = x.shape
-    for n in range(batch):
-        for h in range(height):
-            for c in range(channels):
-                row = x[n, c, h]
-                for w in range(width):
-                    out[n, h, w, c] = row[w]
+    for job in prange(batch * height):
+        n = job // height
+        h = job % height
+        for c in range(channels):
+            row = x[n, c, h]
+            for w in range(width):
+                out[n, h, w, c] = row[w]
 
 
 def _channels_last(x):
