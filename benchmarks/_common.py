@@ -96,7 +96,7 @@ def winograd_products(points, tiles, channels, out_channels, rng):
     import numpy as np
 
     from npanomaly import threads
-    from npanomaly.kernels import _config, blas, winograd
+    from npanomaly.kernels import _config, blas, conv, winograd
 
     v = rng.random((points, tiles, channels), dtype=np.float32)
     u = rng.random((points, channels, out_channels), dtype=np.float32)
@@ -109,7 +109,7 @@ def winograd_products(points, tiles, channels, out_channels, rng):
     @numba.njit(parallel=True)
     def products(v, u, out, shares, block_rows):
         for share in numba.prange(shares):
-            first, stop = tiles * share // shares, tiles * (share + 1) // shares
+            first, stop = conv._share(tiles, shares, share)
             for start in range(first, stop, block_rows):
                 rows = min(block_rows, stop - start)
                 for xi in range(v.shape[0]):

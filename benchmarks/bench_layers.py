@@ -122,8 +122,8 @@ def main():
     print(f"{'case':<44} {'npanomaly':>12} {'torch':>12}   ratio   BLAS floor")
     print("(BLAS floor: only the matrix products that the im2col lowering must make, as NumPy's batched "
           "products on columns unfolded beforehand, over torch's whole time (the kernels' own per-image "
-          "products on one pool can beat it: no pool changes). On the winograd rows: only the 16 or 36 products of F(m x m, 3 x 3), run as the kernel runs them, on inputs "
-          "transformed beforehand)")
+          "products on one pool can beat it: no pool changes). On the winograd rows: only the 16 or 36 "
+          "products of F(m x m, 3 x 3), run as the kernel runs them, on inputs transformed beforehand)")
 
     convs = [  # name, in, out, kernel, stride, pad, size
         ("seed conv1 3->64 k3 s2 @256", 3, 64, 3, 2, 1, 256),

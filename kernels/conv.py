@@ -77,6 +77,19 @@ def _split_phases(plane, phases):
 
 
 @njit(**JIT_OPTIONS)
+def _phase_buffer(height, width, stride_h, stride_w, dtype):
+    """Scratch for _split_phases of one [H, W] plane: [sh, sw, ceil(H / sh), ceil(W / sw)]."""
+    return np.empty((stride_h, stride_w, (height + stride_h - 1) // stride_h, (width + stride_w - 1) // stride_w),
+                    dtype=dtype)
+
+
+@njit(**JIT_OPTIONS)
+def _share(jobs, shares, share):
+    """(first, stop) of share number ``share`` of ``shares`` contiguous shares of range(jobs)."""
+    return jobs * share // shares, jobs * (share + 1) // shares
+
+
+@njit(**JIT_OPTIONS)
 def _unfold_plane(plane, c, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, phases, cols):
     """The kh*kw rows of channel c of one image's column matrix, from its plane [H, W]: see im2col.
 
@@ -111,29 +124,24 @@ def im2col(x, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w
     Parallel: over (b, c) planes; each iteration writes only the kh*kw rows of its own channel.
     """
     batch, channels, height, width = x.shape
-    phase_shape = (stride_h, stride_w, (height + stride_h - 1) // stride_h, (width + stride_w - 1) // stride_w)
     for job in prange(batch * channels):
         b = job // channels
         c = job % channels
-        phases = np.empty(phase_shape, dtype=x.dtype)
+        phases = _phase_buffer(height, width, stride_h, stride_w, x.dtype)
         _unfold_plane(x[b, c], c, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, phases, cols[b])
 
 
 @njit(**JIT_OPTIONS)
-def _image_scratch(x_shape, rows, positions, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dtype):
-    """(pointwise, cols [rows, positions], phases) for unfolding one image of shape x_shape [C, H, W]
-    at a time; a pointwise convolution (1x1, stride 1, no padding) needs no columns (0 rows)."""
-    channels, height, width = x_shape
-    pointwise = kernel_h == 1 and kernel_w == 1 and stride_h == 1 and stride_w == 1 and pad_h == 0 and pad_w == 0
-    cols = np.empty((0 if pointwise else rows, positions), dtype=dtype)
-    phases = np.empty((stride_h, stride_w, (height + stride_h - 1) // stride_h, (width + stride_w - 1) // stride_w),
-                      dtype=dtype)
-    return pointwise, cols, phases
+def _image_scratch(pointwise, rows, positions, height, width, stride_h, stride_w, dtype):
+    """(cols [rows, positions], phases) for unfolding one [C, H, W] image at a time; a pointwise
+    convolution (_is_pointwise) needs no columns (0 rows)."""
+    return (np.empty((0 if pointwise else rows, positions), dtype=dtype),
+            _phase_buffer(height, width, stride_h, stride_w, dtype))
 
 
 @njit(**PARALLEL_JIT_OPTIONS)
-def conv2d_forward_images(x, w2, bias, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, shares,
-                          lower, upper, y):
+def conv2d_forward_images(x, w2, bias, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, pointwise,
+                          shares, lower, upper, y):
     """y[n] = clamp(W2 @ im2col(x[n]) + bias) image by image: the image's columns (none for a 1x1
     stride-1 unpadded convolution, whose image is its column matrix), one gemm on this thread,
     then the bias and a fused ReLU while y[n] is in cache.
@@ -142,13 +150,13 @@ def conv2d_forward_images(x, w2, bias, kernel_h, kernel_w, stride_h, stride_w, p
     Parallel: over ``shares`` contiguous shares of the images, one per thread, each image start to
     end on one thread. Used where every thread gets an image (conv2d_forward).
     """
-    batch, channels = x.shape[:2]
+    batch, channels, height, width = x.shape
     out_channels, rows = w2.shape
     positions = out_h * out_w
     for share in prange(shares):
-        pointwise, cols, phases = _image_scratch(x.shape[1:], rows, positions, kernel_h, kernel_w, stride_h, stride_w,
-                                                 pad_h, pad_w, x.dtype)
-        for n in range(batch * share // shares, batch * (share + 1) // shares):
+        cols, phases = _image_scratch(pointwise, rows, positions, height, width, stride_h, stride_w, x.dtype)
+        first, stop = _share(batch, shares, share)
+        for n in range(first, stop):
             if pointwise:
                 gemm(w2, x[n].reshape((channels, positions)), y[n])
             else:
@@ -201,7 +209,7 @@ def col2im_add(cols, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h
 
 
 @njit(**PARALLEL_JIT_OPTIONS)
-def conv2d_backward_images(grad_out, x, w2, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_w,
+def conv2d_backward_images(grad_out, x, w2, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_w, pointwise,
                            weight_grad, grad_w2, input_grad, grad_x):
     """A convolution's gradients image by image, on one pool (as conv2d_forward_images): when
     weight_grad, grad_w2[share] += dL/dy[n] @ im2col(x[n])^T (the image's columns, then one gemm
@@ -218,13 +226,12 @@ def conv2d_backward_images(grad_out, x, w2, kernel_h, kernel_w, stride_h, stride
     batch, out_channels, positions = grad_out.shape
     rows = w2.shape[1]
     shares = grad_w2.shape[0]
-    image_shape = grad_x.shape[1:] if input_grad else x.shape[1:]
-    channels = image_shape[0]
+    channels, height, width = grad_x.shape[1:] if input_grad else x.shape[1:]
     out_h = positions // out_w
     for share in prange(shares):
-        pointwise, cols, phases = _image_scratch(image_shape, rows, positions, kernel_h, kernel_w, stride_h, stride_w,
-                                                 pad_h, pad_w, grad_out.dtype)
-        for n in range(batch * share // shares, batch * (share + 1) // shares):
+        cols, phases = _image_scratch(pointwise, rows, positions, height, width, stride_h, stride_w, grad_out.dtype)
+        first, stop = _share(batch, shares, share)
+        for n in range(first, stop):
             if weight_grad:
                 if pointwise:
                     gemm(grad_out[n], x[n].reshape((channels, positions)), grad_w2[share], False, 1.0, True)
@@ -260,13 +267,19 @@ def _backward_by_image(grad_out, x, weight, stride_h, stride_w, pad_h, pad_w, we
     with threads.single_threaded_blas():
         conv2d_backward_images(np.ascontiguousarray(grad_out).reshape(batch, out_channels, out_h * out_w), x,
                                np.ascontiguousarray(weight).reshape(out_channels, rows), kernel_h, kernel_w,
-                               stride_h, stride_w, pad_h, pad_w, out_w, weight_grad, grad_w2, not weight_grad, grad_x)
-    if not weight_grad:
-        return grad_x
-    summed = grad_w2[0]
-    for share in range(1, shares):
-        summed += grad_w2[share]
-    return summed.reshape(weight.shape)
+                               stride_h, stride_w, pad_h, pad_w, out_w,
+                               _is_pointwise(kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w), weight_grad,
+                               grad_w2, not weight_grad, grad_x)
+    return _sum_in_order(grad_w2).reshape(weight.shape) if weight_grad else grad_x
+
+
+def _sum_in_order(partials):
+    """partials[0] + partials[1] + ... added one after the other (in place, into partials[0]): a
+    sum whose rounding depends only on how many partials there are, never on the threads."""
+    summed = partials[0]
+    for part in partials[1:]:
+        summed += part
+    return summed
 
 
 @njit(**PARALLEL_JIT_OPTIONS)
@@ -373,9 +386,10 @@ def conv2d_forward(x, weight, bias, stride_h, stride_w, pad_h, pad_w, lower=-np.
     if _by_image(x, w2.shape[1], positions, shares):
         w2 = np.ascontiguousarray(w2)
         zeros = np.zeros(out_channels, y.dtype) if bias is None else bias
+        pointwise = _is_pointwise(kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w)
         with threads.single_threaded_blas():
             conv2d_forward_images(np.ascontiguousarray(x), w2, zeros, kernel_h, kernel_w, stride_h, stride_w, pad_h,
-                                  pad_w, out_h, out_w, shares, lower, upper, y)
+                                  pad_w, out_h, out_w, pointwise, shares, lower, upper, y)
         return y.reshape(batch, out_channels, out_h, out_w)
     for start, stop, cols in _unfolded_chunks(x, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w):
         np.matmul(w2, cols, out=y[start:stop])

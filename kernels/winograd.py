@@ -69,7 +69,7 @@ from . import _config, memory
 from ._config import JIT_OPTIONS, PARALLEL_JIT_OPTIONS
 from .blas import gemm
 from .activation import clamp
-from .conv import conv2d_output_size
+from .conv import _gradient_shares, _share, _sum_in_order, conv2d_output_size
 
 #: The finite interpolation points for alpha = m + r - 1 (alpha - 1 of them, and infinity): F(2, 3)
 #: and the weight gradient's F(3, 2) use alpha = 4, F(4, 3) and F(3, 4) alpha = 6.
@@ -258,24 +258,20 @@ def _channels_last(x):
 
 
 @njit(**JIT_OPTIONS)
-def _share(jobs, shares, share):
-    """(first, stop) of share number ``share`` of ``shares`` contiguous shares of range(jobs)."""
-    return jobs * share // shares, jobs * (share + 1) // shares
-
-
-@njit(**JIT_OPTIONS)
 def _block_buffers(alpha2, block_rows, channels, out_channels, dtype):
     """One thread's flat scratch for a block's transformed tiles of both sides (input channels
-    and output channels), views of it taken by _points_view."""
+    and output channels), viewed per block by _block_views."""
     return (np.empty(alpha2 * block_rows * channels, dtype=dtype),
             np.empty(alpha2 * block_rows * out_channels, dtype=dtype))
 
 
 @njit(**JIT_OPTIONS)
-def _points_view(buffer, alpha2, rows, width):
-    """The first alpha2 * rows * width values of a flat scratch buffer as [alpha2, rows, width]:
-    one block's transformed tiles (C-contiguous, so each kernel compiles once)."""
-    return buffer[:alpha2 * rows * width].reshape((alpha2, rows, width))
+def _block_views(buffers, alpha2, rows, channels, out_channels):
+    """The first values of _block_buffers as [alpha2, rows, C] and [alpha2, rows, O]: one block's
+    transformed tiles (C-contiguous, so each kernel compiles once)."""
+    inputs, outputs = buffers
+    return (inputs[:alpha2 * rows * channels].reshape((alpha2, rows, channels)),
+            outputs[:alpha2 * rows * out_channels].reshape((alpha2, rows, out_channels)))
 
 
 @njit(**PARALLEL_JIT_OPTIONS)
@@ -294,10 +290,9 @@ def forward_blocks(x_nhwc, b_t, a_t, u, m, pad_h, pad_w, tiles_h, tiles_w, block
     jobs = x_nhwc.shape[0] * tiles_h * tiles_w
     for share in prange(shares):
         first, stop = _share(jobs, shares, share)
-        v_buffer, m_buffer = _block_buffers(alpha2, block_rows, channels, out_channels, x_nhwc.dtype)
+        buffers = _block_buffers(alpha2, block_rows, channels, out_channels, x_nhwc.dtype)
         for start in range(first, stop, block_rows):
-            v = _points_view(v_buffer, alpha2, min(block_rows, stop - start), channels)
-            mm = _points_view(m_buffer, alpha2, v.shape[1], out_channels)
+            v, mm = _block_views(buffers, alpha2, min(block_rows, stop - start), channels, out_channels)
             input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, start, v)
             for xi in range(alpha2):
                 gemm(v[xi], u[xi], mm[xi])
@@ -320,10 +315,9 @@ def weight_gradient_shares(x_nhwc, g_nhwc, b_t, g, m, pad_h, pad_w, tiles_h, til
     unpadded = np.int64(0)  # not a literal 0, which would compile input_transform a second time
     for share in prange(shares):
         first, stop = _share(jobs, shares, share)
-        v_buffer, u_buffer = _block_buffers(alpha2, block_rows, channels, out_channels, x_nhwc.dtype)
+        buffers = _block_buffers(alpha2, block_rows, channels, out_channels, x_nhwc.dtype)
         for start in range(first, stop, block_rows):
-            v = _points_view(v_buffer, alpha2, min(block_rows, stop - start), channels)
-            du = _points_view(u_buffer, alpha2, v.shape[1], out_channels)
+            v, du = _block_views(buffers, alpha2, min(block_rows, stop - start), channels, out_channels)
             input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, start, v)
             input_transform(g_nhwc, g, m, unpadded, unpadded, tiles_h, tiles_w, start, du)
             for xi in range(alpha2):
@@ -420,16 +414,13 @@ def winograd_conv2d_backward_weight(grad_out, x, pad_h, pad_w, m=4):
     tiles_h, tiles_w = -(-out_h // m), -(-out_w // m)
     x_nhwc, g_nhwc = _channels_last(x), _channels_last(grad_out)
     jobs = batch * tiles_h * tiles_w
-    partial_bytes = alpha * alpha * out_channels * channels * x.itemsize
-    shares = max(1, min(jobs, _config.GRADIENT_SHARES, _config.IM2COL_BUDGET_BYTES // partial_bytes))
+    shares = _gradient_shares(jobs, alpha * alpha * out_channels * channels * x.itemsize)
     block_rows = _block_rows(alpha, channels + out_channels, x.itemsize, _config.WINOGRAD_GRADIENT_BLOCK_BYTES)
     block_rows = min(block_rows, -(-jobs // shares))
     sums = np.zeros((shares, alpha * alpha, out_channels, channels), x.dtype)
     with threads.single_threaded_blas():
         weight_gradient_shares(x_nhwc, g_nhwc, b_t, g, m, pad_h, pad_w, tiles_h, tiles_w, block_rows, sums)
-    summed = sums[0]
-    for share in range(1, shares):
-        summed += sums[share]
+    summed = _sum_in_order(sums)
     # dW[o, c] = A^T M[o, c] A with M[o, c] the alpha x alpha points of (o, c)
     points = summed.reshape(alpha, alpha, out_channels, channels)
     return np.ascontiguousarray(np.einsum("ia,aboc,jb->ocij", a_t, points, a_t, optimize=True))

@@ -221,10 +221,8 @@ def single_threaded_blas():
     """
     with _single_blas["lock"]:
         if _single_blas["depth"] == 0:
-            for library in _openblas_libraries():
-                functions = _blas_thread_functions(library)
-                if functions is not None:
-                    get, put = functions
+            for key, get, put in _pools():
+                if key != "numba":
                     _single_blas["saved"].append((put, get()))
                     put(1)
         _single_blas["depth"] += 1
