@@ -33,6 +33,20 @@ def test_the_transforms_are_lavin_and_grays_and_compute_a_correlation():
             np.testing.assert_allclose(a_t @ ((g @ taps) * (b_t @ d)), direct, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("m", [2, 4])
+def test_filter_transforms_are_g_w_g_transposed_of_each_filter(m):
+    """U[a * alpha + b, c, o] = (G w[o, c] G^T)[a, b]; rotated, of w[o, c] turned by 180 degrees,
+    indexed [xi, o, c] (the input gradient's filters), computed here by einsum over the definition."""
+    rng = np.random.default_rng(m)
+    weight = rng.standard_normal((5, 3, 3, 3))  # O != C, so a swapped index cannot pass
+    _, g, _ = winograd.transform_matrices(m)
+    alpha = m + 2
+    expected = np.einsum("ai,ocij,bj->abco", g, weight, g).reshape(alpha * alpha, 3, 5)
+    np.testing.assert_allclose(winograd.winograd_filters(weight, m), expected, rtol=1e-13, atol=1e-13)
+    rotated = np.einsum("ai,ocij,bj->aboc", g, weight[:, :, ::-1, ::-1], g).reshape(alpha * alpha, 5, 3)
+    np.testing.assert_allclose(winograd.winograd_filters(weight, m, rotated=True), rotated, rtol=1e-13, atol=1e-13)
+
+
 @settings(max_examples=60, deadline=None)
 @given(batch=st.integers(1, 3), channels=st.integers(1, 5), out_channels=st.integers(1, 5),
        height=st.integers(1, 11), width=st.integers(1, 11), pad=st.integers(0, 2), m=st.sampled_from([2, 4]),
