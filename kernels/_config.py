@@ -89,3 +89,9 @@ KNN_SCREEN_CHUNK = 64
 # (at most 32). The simulator tests shrink both so that tiny inputs still span several blocks.
 CUDA_THREADS_PER_BLOCK = 128
 CUDA_TILE = 16
+
+# The per-image convolution kernels (conv.conv2d_forward_images, conv2d_backward_images) put the
+# column matrices of several images side by side until one gemm has at least this many columns:
+# a 7 x 7 output gives 49 per image, too few for BLAS's kernels (and each image's weight-gradient
+# product would re-read and re-write the whole [O, C*9] partial sum).
+CONV_MIN_PRODUCT_COLUMNS = 256

@@ -21,7 +21,8 @@ from numba import njit, prange
 from npanomaly import threads
 
 from . import blas, memory
-from ._config import GRADIENT_SHARES, IM2COL_BUDGET_BYTES, JIT_OPTIONS, PARALLEL_JIT_OPTIONS, REDUCTION_JIT_OPTIONS
+from ._config import (CONV_MIN_PRODUCT_COLUMNS, GRADIENT_SHARES, IM2COL_BUDGET_BYTES, JIT_OPTIONS, PARALLEL_JIT_OPTIONS,
+                      REDUCTION_JIT_OPTIONS)
 from .activation import clamp
 from .blas import gemm
 
@@ -90,10 +91,11 @@ def _share(jobs, shares, share):
 
 
 @njit(**JIT_OPTIONS)
-def _unfold_plane(plane, c, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, phases, cols):
-    """The kh*kw rows of channel c of one image's column matrix, from its plane [H, W]: see im2col.
+def _unfold_plane(plane, c, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, phases, cols, offset):
+    """The kh*kw rows of channel c of one image's column matrix, from its plane [H, W]: see im2col;
+    written to columns [offset, offset + out_h*out_w) of cols (several images side by side).
 
-    Shapes: plane [H, W], phases [sh, sw, ceil(H / sh), ceil(W / sw)] (scratch), cols [C*kh*kw, out_h*out_w].
+    Shapes: plane [H, W], phases [sh, sw, ceil(H / sh), ceil(W / sw)] (scratch), cols [C*kh*kw, >= offset + out_h*out_w].
     """
     height, width = plane.shape
     _split_phases(plane, phases)
@@ -103,11 +105,12 @@ def _unfold_plane(plane, c, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w
             ow_lo, ow_hi, q, shift = _phase_columns(out_w, width, stride_w, pad_w, j)
             row = cols[(c * kernel_h + i) * kernel_w + j]
             if oh_lo > 0 or oh_hi < out_h or ow_lo > 0 or ow_hi < out_w:
-                row[:] = 0
+                for p in range(offset, offset + out_h * out_w):
+                    row[U(p)] = 0
             for oh in range(oh_lo, oh_hi):
                 ih = oh * stride_h - pad_h + i
                 phase_line = phases[ih % stride_h, q, ih // stride_h]
-                base = oh * out_w
+                base = offset + oh * out_w
                 for ow in range(ow_lo, ow_hi):
                     row[U(base + ow)] = phase_line[U(ow + shift)]
 
@@ -128,53 +131,93 @@ def im2col(x, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w
         b = job // channels
         c = job % channels
         phases = _phase_buffer(height, width, stride_h, stride_w, x.dtype)
-        _unfold_plane(x[b, c], c, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, phases, cols[b])
+        _unfold_plane(x[b, c], c, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, phases, cols[b],
+                      0)
 
 
 @njit(**JIT_OPTIONS)
-def _image_scratch(pointwise, rows, positions, height, width, stride_h, stride_w, dtype):
-    """(cols [rows, positions], phases) for unfolding one [C, H, W] image at a time; a pointwise
-    convolution (_is_pointwise) needs no columns (0 rows)."""
-    return (np.empty((0 if pointwise else rows, positions), dtype=dtype),
+def _columns_view(flat, rows, columns):
+    """The first rows * columns values of a flat scratch buffer as a C-contiguous [rows, columns]."""
+    return flat[:rows * columns].reshape((rows, columns))
+
+
+@njit(**JIT_OPTIONS)
+def _unfold_images(x, first, count, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, pointwise,
+                   phases, cols):
+    """The column matrices of images first .. first + count - 1 side by side: image first + k in
+    columns [k*P, (k+1)*P) of cols (P = out_h*out_w). A pointwise convolution's image is its own
+    column matrix, copied.
+
+    Shapes: x [N, C, H, W] -> cols [C*kh*kw, count*P] (written in place).
+    """
+    channels = x.shape[1]
+    positions = out_h * out_w
+    for k in range(count):
+        for c in range(channels):
+            if pointwise:
+                plane, row = x[first + k, c].reshape(positions), cols[c]
+                for p in range(positions):
+                    row[U(k * positions + p)] = plane[U(p)]
+            else:
+                _unfold_plane(x[first + k, c], c, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w,
+                              phases, cols, k * positions)
+
+
+@njit(**JIT_OPTIONS)
+def _group_scratch(rows, out_channels, group, positions, pointwise, height, width, stride_h, stride_w, dtype):
+    """One thread's scratch for a group of ``group`` images: flat buffers for their column matrices
+    [rows, group*P] and their products [O, group*P] (outputs, or output gradients gathered), and
+    the stride phases of one plane. A single pointwise image needs no columns, a single image no
+    product buffer: its own arrays are used in place."""
+    return (np.empty(0 if pointwise and group == 1 else rows * group * positions, dtype=dtype),
+            np.empty(0 if group == 1 else out_channels * group * positions, dtype=dtype),
             _phase_buffer(height, width, stride_h, stride_w, dtype))
 
 
 @njit(**PARALLEL_JIT_OPTIONS)
 def conv2d_forward_images(x, w2, bias, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, pointwise,
-                          shares, lower, upper, y):
-    """y[n] = clamp(W2 @ im2col(x[n]) + bias) image by image: the image's columns (none for a 1x1
-    stride-1 unpadded convolution, whose image is its column matrix), one gemm on this thread,
-    then the bias and a fused ReLU while y[n] is in cache.
+                          group, shares, lower, upper, y):
+    """y[n] = clamp(W2 @ im2col(x[n]) + bias) for groups of ``group`` images at a time on one thread:
+    the group's column matrices side by side, one gemm, then the bias and a fused ReLU while the
+    products are in cache. A 1x1 stride-1 unpadded convolution's single image is its own column
+    matrix, and a single image's gemm writes y[n] itself.
 
     Shapes: x [N, C, H, W], w2 [O, C*kh*kw], bias [O] -> y [N, O, out_h*out_w] (in place).
     Parallel: over ``shares`` contiguous shares of the images, one per thread, each image start to
-    end on one thread. Used where every thread gets an image (conv2d_forward).
+    end on one thread. Grouping images gives small outputs (7 x 7: 49 columns per image) a gemm
+    wide enough for BLAS's kernels (conv2d_forward picks ``group``). Used where every thread gets
+    an image (conv2d_forward).
     """
     batch, channels, height, width = x.shape
     out_channels, rows = w2.shape
     positions = out_h * out_w
     for share in prange(shares):
-        cols, phases = _image_scratch(pointwise, rows, positions, height, width, stride_h, stride_w, x.dtype)
+        col_scratch, product_scratch, phases = _group_scratch(rows, out_channels, group, positions, pointwise, height,
+                                                              width, stride_h, stride_w, x.dtype)
         first, stop = _share(batch, shares, share)
-        for n in range(first, stop):
-            if pointwise:
-                gemm(w2, x[n].reshape((channels, positions)), y[n])
+        for start in range(first, stop, group):
+            count = min(group, stop - start)
+            if pointwise and count == 1:
+                cols = x[start].reshape((channels, positions))
             else:
-                for c in range(channels):
-                    _unfold_plane(x[n, c], c, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w,
-                                  phases, cols)
-                gemm(w2, cols, y[n])
-            for o in range(out_channels):
-                row = y[n, o]
-                for p in range(positions):
-                    row[p] = clamp(row[p] + bias[o], lower, upper)
+                cols = _columns_view(col_scratch, rows, count * positions)
+                _unfold_images(x, start, count, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w,
+                               pointwise, phases, cols)
+            products = y[start] if count == 1 else _columns_view(product_scratch, out_channels, count * positions)
+            gemm(w2, cols, products)
+            for k in range(count):
+                for o in range(out_channels):
+                    row, source = y[start + k, o], products[o]
+                    for p in range(positions):
+                        row[p] = clamp(source[k * positions + p] + bias[o], lower, upper)
 
 
 @njit(**JIT_OPTIONS)
-def _fold_plane(cols, c, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, plane):
-    """plane += the kh*kw rows of channel c of one image's column gradients: see col2im_add.
+def _fold_plane(cols, c, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, offset, plane):
+    """plane += the kh*kw rows of channel c of one image's column gradients, read from columns
+    [offset, offset + out_h*out_w) of cols: see col2im_add.
 
-    Shapes: cols [C*kh*kw, out_h*out_w], plane [H, W] (accumulated in place).
+    Shapes: cols [C*kh*kw, >= offset + out_h*out_w], plane [H, W] (accumulated in place).
     """
     height, width = plane.shape
     for i in range(kernel_h):
@@ -184,7 +227,7 @@ def _fold_plane(cols, c, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, o
             row = cols[(c * kernel_h + i) * kernel_w + j]
             for oh in range(oh_lo, oh_hi):
                 line = plane[oh * stride_h - pad_h + i]
-                base = oh * out_w
+                base = offset + oh * out_w
                 for ow in range(ow_lo, ow_hi):
                     line[U(ow * stride_w - pad_w + j)] += row[U(base + ow)]
 
@@ -205,16 +248,18 @@ def col2im_add(cols, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h
     for job in prange(batch * channels):
         b = job // channels
         c = job % channels
-        _fold_plane(cols[b], c, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, x[b, c])
+        _fold_plane(cols[b], c, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, 0, x[b, c])
 
 
 @njit(**PARALLEL_JIT_OPTIONS)
 def conv2d_backward_images(grad_out, x, w2, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_w, pointwise,
-                           weight_grad, grad_w2, input_grad, grad_x):
-    """A convolution's gradients image by image, on one pool (as conv2d_forward_images): when
-    weight_grad, grad_w2[share] += dL/dy[n] @ im2col(x[n])^T (the image's columns, then one gemm
-    that accumulates); when input_grad, grad_x[n] = col2im(W2^T @ dL/dy[n]) (one gemm into the
-    column buffer, then the fold). A pointwise convolution's image is its own column matrix.
+                           group, weight_grad, grad_w2, input_grad, grad_x):
+    """A convolution's gradients for groups of ``group`` images at a time on one thread, on one
+    pool (as conv2d_forward_images), with G the group's dL/dy side by side [O, group*P]: when
+    weight_grad, grad_w2[share] += G @ cols^T (the group's column matrices side by side, then one
+    gemm that accumulates); when input_grad, grad_x[n] = col2im(W2^T @ G) (one gemm into the
+    column buffer, then each image's fold). A single image's dL/dy, and a single pointwise image,
+    are used in place.
 
     Shapes: grad_out [N, O, P], x [N, C, H, W], w2 [O, C*kh*kw] -> grad_w2 [shares, O, C*kh*kw]
     (zeros on entry, a partial sum per share) and grad_x [N, C, H, W] (zeros on entry). x and
@@ -229,25 +274,43 @@ def conv2d_backward_images(grad_out, x, w2, kernel_h, kernel_w, stride_h, stride
     channels, height, width = grad_x.shape[1:] if input_grad else x.shape[1:]
     out_h = positions // out_w
     for share in prange(shares):
-        cols, phases = _image_scratch(pointwise, rows, positions, height, width, stride_h, stride_w, grad_out.dtype)
+        col_scratch, product_scratch, phases = _group_scratch(rows, out_channels, group, positions, pointwise, height,
+                                                              width, stride_h, stride_w, grad_out.dtype)
         first, stop = _share(batch, shares, share)
-        for n in range(first, stop):
+        for start in range(first, stop, group):
+            count = min(group, stop - start)
+            if count == 1:
+                grads = grad_out[start]
+            else:
+                grads = _columns_view(product_scratch, out_channels, count * positions)
+                for k in range(count):
+                    for o in range(out_channels):
+                        row, source = grads[o], grad_out[start + k, o]
+                        for p in range(positions):
+                            row[U(k * positions + p)] = source[U(p)]
             if weight_grad:
-                if pointwise:
-                    gemm(grad_out[n], x[n].reshape((channels, positions)), grad_w2[share], False, 1.0, True)
+                if pointwise and count == 1:
+                    cols = x[start].reshape((channels, positions))
                 else:
-                    for c in range(channels):
-                        _unfold_plane(x[n, c], c, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w,
-                                      phases, cols)
-                    gemm(grad_out[n], cols, grad_w2[share], False, 1.0, True)
+                    cols = _columns_view(col_scratch, rows, count * positions)
+                    _unfold_images(x, start, count, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h,
+                                   out_w, pointwise, phases, cols)
+                gemm(grads, cols, grad_w2[share], False, 1.0, True)
             if input_grad:
-                if pointwise:
-                    gemm(w2, grad_out[n], grad_x[n].reshape((channels, positions)), True)
-                else:
-                    gemm(w2, grad_out[n], cols, True)
+                if pointwise and count == 1:
+                    gemm(w2, grads, grad_x[start].reshape((channels, positions)), True)
+                    continue
+                cols = _columns_view(col_scratch, rows, count * positions)
+                gemm(w2, grads, cols, True)
+                for k in range(count):
                     for c in range(channels):
-                        _fold_plane(cols, c, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w,
-                                    grad_x[n, c])
+                        if pointwise:
+                            plane, row = grad_x[start + k, c].reshape(positions), cols[c]
+                            for p in range(positions):
+                                plane[U(p)] = row[U(k * positions + p)]
+                        else:
+                            _fold_plane(cols, c, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w,
+                                        k * positions, grad_x[start + k, c])
 
 
 def _backward_by_image(grad_out, x, weight, stride_h, stride_w, pad_h, pad_w, weight_grad, in_shape):
@@ -268,7 +331,8 @@ def _backward_by_image(grad_out, x, weight, stride_h, stride_w, pad_h, pad_w, we
         conv2d_backward_images(np.ascontiguousarray(grad_out).reshape(batch, out_channels, out_h * out_w), x,
                                np.ascontiguousarray(weight).reshape(out_channels, rows), kernel_h, kernel_w,
                                stride_h, stride_w, pad_h, pad_w, out_w,
-                               _is_pointwise(kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w), weight_grad,
+                               _is_pointwise(kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w),
+                               _images_per_product(out_h * out_w, -(-batch // shares)), weight_grad,
                                grad_w2, not weight_grad, grad_x)
     return _sum_in_order(grad_w2).reshape(weight.shape) if weight_grad else grad_x
 
@@ -356,13 +420,20 @@ def _gradient_shares(jobs, partial_bytes):
     return max(1, min(jobs, GRADIENT_SHARES, IM2COL_BUDGET_BYTES // max(1, partial_bytes)))
 
 
+def _images_per_product(positions, images):
+    """How many images one gemm of conv2d_forward_images / conv2d_backward_images covers: enough
+    for CONV_MIN_PRODUCT_COLUMNS columns side by side, at most ``images`` (a thread's share)."""
+    return max(1, min(images, -(-CONV_MIN_PRODUCT_COLUMNS // max(1, positions))))
+
+
 def _by_image(x, rows, positions, shares):
     """Whether conv2d_forward runs image by image on its threads (conv2d_forward_images): in
     float32 (float64 keeps the batched products, and one kernel less to compile), where kernels
-    can call OpenBLAS (kernels/blas.py), when every thread gets an image, and when a column matrix
-    per thread stays within IM2COL_BUDGET_BYTES."""
+    can call OpenBLAS (kernels/blas.py), when every thread gets an image, and when a group of
+    column matrices per thread stays within IM2COL_BUDGET_BYTES."""
+    group = _images_per_product(positions, -(-x.shape[0] // max(1, shares)))
     return (x.dtype == np.float32 and blas.BACKEND == "openblas" and x.shape[0] >= shares
-            and shares * rows * positions * x.itemsize <= IM2COL_BUDGET_BYTES)
+            and shares * rows * group * positions * x.itemsize <= IM2COL_BUDGET_BYTES)
 
 
 def conv2d_forward(x, weight, bias, stride_h, stride_w, pad_h, pad_w, lower=-np.inf, upper=np.inf):
@@ -389,7 +460,8 @@ def conv2d_forward(x, weight, bias, stride_h, stride_w, pad_h, pad_w, lower=-np.
         pointwise = _is_pointwise(kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w)
         with threads.single_threaded_blas():
             conv2d_forward_images(np.ascontiguousarray(x), w2, zeros, kernel_h, kernel_w, stride_h, stride_w, pad_h,
-                                  pad_w, out_h, out_w, pointwise, shares, lower, upper, y)
+                                  pad_w, out_h, out_w, pointwise, _images_per_product(positions, -(-batch // shares)),
+                                  shares, lower, upper, y)
         return y.reshape(batch, out_channels, out_h, out_w)
     for start, stop, cols in _unfolded_chunks(x, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w):
         np.matmul(w2, cols, out=y[start:stop])

@@ -53,11 +53,14 @@ def test_conv2d_chunking_does_not_change_results(monkeypatch):
         np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-13)
 
 
-@given(case=window_cases(max_batch=5), out_channels=st.integers(1, 5), relu=st.booleans(), seed=st.integers(0, 2**16))
-def test_conv2d_image_by_image_matches_the_batched_products(case, out_channels, relu, seed):
+@given(case=window_cases(max_batch=5), out_channels=st.integers(1, 5), relu=st.booleans(), seed=st.integers(0, 2**16),
+       min_columns=st.sampled_from([1, 8, 256]))
+def test_conv2d_image_by_image_matches_the_batched_products(case, out_channels, relu, seed, min_columns):
     """float32 with an image for every thread runs conv2d_forward_images and conv2d_backward_images
-    (gemm on each thread; bias and ReLU fused per image; per-thread partial weight gradients); they
-    must equal the batched path and the reference."""
+    (gemm on each thread over groups of images side by side; bias and ReLU fused; per-thread
+    partial weight gradients); they must equal the batched path and the reference, with one image
+    per gemm (min_columns 1) and groups of several (8, 256: the last group of a share may be
+    shorter)."""
     import numba
 
     import npanomaly.kernels.conv as conv
@@ -77,6 +80,7 @@ def test_conv2d_image_by_image_matches_the_batched_products(case, out_channels, 
     calls = []
     real = conv.conv2d_forward_images, conv.conv2d_backward_images
     with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(conv, "CONV_MIN_PRODUCT_COLUMNS", min_columns)
         patch.setattr(conv, "conv2d_forward_images", lambda *a: calls.append(1) or real[0](*a))
         patch.setattr(conv, "conv2d_backward_images", lambda *a: calls.append(2) or real[1](*a))
         by_image = run()
