@@ -166,9 +166,9 @@ def _unfold_images(x, first, count, kernel_h, kernel_w, stride_h, stride_w, pad_
 @njit(**JIT_OPTIONS)
 def _group_scratch(rows, out_channels, group, positions, pointwise, height, width, stride_h, stride_w, dtype):
     """One thread's scratch for a group of ``group`` images: flat buffers for their column matrices
-    [rows, group*P] and their products [O, group*P] (outputs, or output gradients gathered), and
-    the stride phases of one plane. A single pointwise image needs no columns, a single image no
-    product buffer: its own arrays are used in place."""
+    [rows, group*P] and their gathered output gradients [O, group*P], and the stride phases of one
+    plane. A single pointwise image needs no columns, a single image no gathered gradients: its
+    own arrays are used in place."""
     return (np.empty(0 if pointwise and group == 1 else rows * group * positions, dtype=dtype),
             np.empty(0 if group == 1 else out_channels * group * positions, dtype=dtype),
             _phase_buffer(height, width, stride_h, stride_w, dtype))
@@ -176,40 +176,37 @@ def _group_scratch(rows, out_channels, group, positions, pointwise, height, widt
 
 @njit(**PARALLEL_JIT_OPTIONS)
 def conv2d_forward_images(x, w2, bias, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, pointwise,
-                          group, shares, lower, upper, y):
-    """y[n] = clamp(W2 @ im2col(x[n]) + bias) for groups of ``group`` images at a time on one thread:
-    the group's column matrices side by side, one gemm, then the bias and a fused ReLU while the
-    products are in cache. A 1x1 stride-1 unpadded convolution's single image is its own column
-    matrix, and a single image's gemm writes y[n] itself.
+                          shares, lower, upper, y):
+    """y[n] = clamp(W2 @ im2col(x[n]) + bias) image by image: the image's columns (none for a 1x1
+    stride-1 unpadded convolution, whose image is its column matrix), one gemm on this thread,
+    then the bias and a fused ReLU while y[n] is in cache.
 
     Shapes: x [N, C, H, W], w2 [O, C*kh*kw], bias [O] -> y [N, O, out_h*out_w] (in place).
     Parallel: over ``shares`` contiguous shares of the images, one per thread, each image start to
-    end on one thread. Grouping images gives small outputs (7 x 7: 49 columns per image) a gemm
-    wide enough for BLAS's kernels (conv2d_forward picks ``group``). Used where every thread gets
-    an image (conv2d_forward).
+    end on one thread. One gemm per image, never several images side by side as the backward pass
+    does: BLAS may round an output column differently in a wider product, and an image's output
+    must not depend on the batch it came in (Sequential's evaluation chunks are bit-identical to
+    the whole batch). Used where every thread gets an image (conv2d_forward).
     """
     batch, channels, height, width = x.shape
     out_channels, rows = w2.shape
     positions = out_h * out_w
     for share in prange(shares):
-        col_scratch, product_scratch, phases = _group_scratch(rows, out_channels, group, positions, pointwise, height,
-                                                              width, stride_h, stride_w, x.dtype)
+        col_scratch, _, phases = _group_scratch(rows, out_channels, 1, positions, pointwise, height, width, stride_h,
+                                                stride_w, x.dtype)
         first, stop = _share(batch, shares, share)
-        for start in range(first, stop, group):
-            count = min(group, stop - start)
-            if pointwise and count == 1:
-                cols = x[start].reshape((channels, positions))
+        for n in range(first, stop):
+            if pointwise:
+                cols = x[n].reshape((channels, positions))
             else:
-                cols = _columns_view(col_scratch, rows, count * positions)
-                _unfold_images(x, start, count, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w,
-                               pointwise, phases, cols)
-            products = y[start] if count == 1 else _columns_view(product_scratch, out_channels, count * positions)
-            gemm(w2, cols, products)
-            for k in range(count):
-                for o in range(out_channels):
-                    row, source = y[start + k, o], products[o]
-                    for p in range(positions):
-                        row[p] = clamp(source[k * positions + p] + bias[o], lower, upper)
+                cols = _columns_view(col_scratch, rows, positions)
+                _unfold_images(x, n, 1, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, pointwise,
+                               phases, cols)
+            gemm(w2, cols, y[n])
+            for o in range(out_channels):
+                row = y[n, o]
+                for p in range(positions):
+                    row[p] = clamp(row[p] + bias[o], lower, upper)
 
 
 @njit(**JIT_OPTIONS)
@@ -254,19 +251,20 @@ def col2im_add(cols, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h
 @njit(**PARALLEL_JIT_OPTIONS)
 def conv2d_backward_images(grad_out, x, w2, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_w, pointwise,
                            group, weight_grad, grad_w2, input_grad, grad_x):
-    """A convolution's gradients for groups of ``group`` images at a time on one thread, on one
-    pool (as conv2d_forward_images), with G the group's dL/dy side by side [O, group*P]: when
-    weight_grad, grad_w2[share] += G @ cols^T (the group's column matrices side by side, then one
-    gemm that accumulates); when input_grad, grad_x[n] = col2im(W2^T @ G) (one gemm into the
-    column buffer, then each image's fold). A single image's dL/dy, and a single pointwise image,
-    are used in place.
+    """A convolution's gradients for groups of ``group`` consecutive images (the last one may be
+    shorter), each group on one thread of one pool (as conv2d_forward_images), with G the group's
+    dL/dy side by side [O, group*P]: when weight_grad, grad_w2[share] += G @ cols^T (the group's
+    column matrices side by side, then one gemm that accumulates); when input_grad, grad_x[n] =
+    col2im(W2^T @ G) (one gemm into the column buffer, then each image's fold). A single image's
+    dL/dy, and a single pointwise image, are used in place.
 
     Shapes: grad_out [N, O, P], x [N, C, H, W], w2 [O, C*kh*kw] -> grad_w2 [shares, O, C*kh*kw]
     (zeros on entry, a partial sum per share) and grad_x [N, C, H, W] (zeros on entry). x and
     grad_w2 are not read without weight_grad, nor grad_x written without input_grad (the callers
     pass empty arrays there).
-    Parallel: over grad_w2.shape[0] contiguous shares of the images; the caller adds the shares'
-    sums in order, and fixes their number without looking at the thread count (GRADIENT_SHARES).
+    Parallel: over grad_w2.shape[0] contiguous shares of the groups. The groups and, for the
+    weight gradient, the shares never depend on the thread count (the caller adds the shares' sums
+    in order; GRADIENT_SHARES), so neither gradient's rounding does.
     """
     batch, out_channels, positions = grad_out.shape
     rows = w2.shape[1]
@@ -274,15 +272,15 @@ def conv2d_backward_images(grad_out, x, w2, kernel_h, kernel_w, stride_h, stride
     channels, height, width = grad_x.shape[1:] if input_grad else x.shape[1:]
     out_h = positions // out_w
     for share in prange(shares):
-        col_scratch, product_scratch, phases = _group_scratch(rows, out_channels, group, positions, pointwise, height,
-                                                              width, stride_h, stride_w, grad_out.dtype)
-        first, stop = _share(batch, shares, share)
-        for start in range(first, stop, group):
-            count = min(group, stop - start)
+        col_scratch, grad_scratch, phases = _group_scratch(rows, out_channels, group, positions, pointwise, height,
+                                                           width, stride_h, stride_w, grad_out.dtype)
+        first, stop = _share(-(-batch // group), shares, share)
+        for start in range(first * group, min(batch, stop * group), group):
+            count = min(group, batch - start)
             if count == 1:
                 grads = grad_out[start]
             else:
-                grads = _columns_view(product_scratch, out_channels, count * positions)
+                grads = _columns_view(grad_scratch, out_channels, count * positions)
                 for k in range(count):
                     for o in range(out_channels):
                         row, source = grads[o], grad_out[start + k, o]
@@ -320,10 +318,12 @@ def _backward_by_image(grad_out, x, weight, stride_h, stride_w, pad_h, pad_w, we
     _, channels, kernel_h, kernel_w = weight.shape
     rows = channels * kernel_h * kernel_w
     dtype = grad_out.dtype
+    group = _images_per_product(out_h * out_w, batch)
+    groups = -(-batch // group)
     if weight_grad:
-        shares = _gradient_shares(batch, out_channels * rows * dtype.itemsize)
+        shares = _gradient_shares(groups, out_channels * rows * dtype.itemsize)
     else:
-        shares = min(numba.get_num_threads(), batch)  # each image's gradient is its own: any split
+        shares = min(numba.get_num_threads(), groups)  # each image's gradient is its own: any split
     grad_w2 = np.zeros((shares, out_channels, rows) if weight_grad else (shares, 0, 0), dtype)
     grad_x = memory.zeros((0, 0, 0, 0) if weight_grad else in_shape, dtype)
     x = np.ascontiguousarray(x) if weight_grad else np.empty((0, 0, 0, 0), dtype)
@@ -331,8 +331,7 @@ def _backward_by_image(grad_out, x, weight, stride_h, stride_w, pad_h, pad_w, we
         conv2d_backward_images(np.ascontiguousarray(grad_out).reshape(batch, out_channels, out_h * out_w), x,
                                np.ascontiguousarray(weight).reshape(out_channels, rows), kernel_h, kernel_w,
                                stride_h, stride_w, pad_h, pad_w, out_w,
-                               _is_pointwise(kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w),
-                               _images_per_product(out_h * out_w, -(-batch // shares)), weight_grad,
+                               _is_pointwise(kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w), group, weight_grad,
                                grad_w2, not weight_grad, grad_x)
     return _sum_in_order(grad_w2).reshape(weight.shape) if weight_grad else grad_x
 
@@ -420,18 +419,21 @@ def _gradient_shares(jobs, partial_bytes):
     return max(1, min(jobs, GRADIENT_SHARES, IM2COL_BUDGET_BYTES // max(1, partial_bytes)))
 
 
-def _images_per_product(positions, images):
-    """How many images one gemm of conv2d_forward_images / conv2d_backward_images covers: enough
-    for CONV_MIN_PRODUCT_COLUMNS columns side by side, at most ``images`` (a thread's share)."""
-    return max(1, min(images, -(-CONV_MIN_PRODUCT_COLUMNS // max(1, positions))))
+def _images_per_product(positions, batch):
+    """How many consecutive images one gemm of conv2d_backward_images covers: enough for
+    CONV_MIN_PRODUCT_COLUMNS columns side by side, but no more than leaves GRADIENT_SHARES groups
+    to share out. A function of the shapes alone, never of the thread count."""
+    wanted = -(-CONV_MIN_PRODUCT_COLUMNS // max(1, positions))
+    return max(1, min(wanted, -(-batch // GRADIENT_SHARES)))
 
 
 def _by_image(x, rows, positions, shares):
-    """Whether conv2d_forward runs image by image on its threads (conv2d_forward_images): in
-    float32 (float64 keeps the batched products, and one kernel less to compile), where kernels
-    can call OpenBLAS (kernels/blas.py), when every thread gets an image, and when a group of
-    column matrices per thread stays within IM2COL_BUDGET_BYTES."""
-    group = _images_per_product(positions, -(-x.shape[0] // max(1, shares)))
+    """Whether a convolution runs image by image (or by groups of images, _images_per_product) on
+    the kernels' threads (conv2d_forward_images, conv2d_backward_images): in float32 (float64
+    keeps the batched products, and one kernel less to compile), where kernels can call OpenBLAS
+    (kernels/blas.py), when every thread gets an image, and when a group's column matrices per
+    thread stay within IM2COL_BUDGET_BYTES."""
+    group = _images_per_product(positions, x.shape[0])
     return (x.dtype == np.float32 and blas.BACKEND == "openblas" and x.shape[0] >= shares
             and shares * rows * group * positions * x.itemsize <= IM2COL_BUDGET_BYTES)
 
@@ -460,8 +462,7 @@ def conv2d_forward(x, weight, bias, stride_h, stride_w, pad_h, pad_w, lower=-np.
         pointwise = _is_pointwise(kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w)
         with threads.single_threaded_blas():
             conv2d_forward_images(np.ascontiguousarray(x), w2, zeros, kernel_h, kernel_w, stride_h, stride_w, pad_h,
-                                  pad_w, out_h, out_w, pointwise, _images_per_product(positions, -(-batch // shares)),
-                                  shares, lower, upper, y)
+                                  pad_w, out_h, out_w, pointwise, shares, lower, upper, y)
         return y.reshape(batch, out_channels, out_h, out_w)
     for start, stop, cols in _unfolded_chunks(x, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w):
         np.matmul(w2, cols, out=y[start:stop])

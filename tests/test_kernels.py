@@ -57,9 +57,9 @@ def test_conv2d_chunking_does_not_change_results(monkeypatch):
        min_columns=st.sampled_from([1, 8, 256]))
 def test_conv2d_image_by_image_matches_the_batched_products(case, out_channels, relu, seed, min_columns):
     """float32 with an image for every thread runs conv2d_forward_images and conv2d_backward_images
-    (gemm on each thread over groups of images side by side; bias and ReLU fused; per-thread
-    partial weight gradients); they must equal the batched path and the reference, with one image
-    per gemm (min_columns 1) and groups of several (8, 256: the last group of a share may be
+    (gemm on each thread; bias and ReLU fused; the backward pass over groups of images side by
+    side; per-share partial weight gradients); they must equal the batched path and the reference,
+    with one image per gemm (min_columns 1) and groups of several (8, 256: the last group may be
     shorter)."""
     import numba
 
@@ -94,6 +94,34 @@ def test_conv2d_image_by_image_matches_the_batched_products(case, out_channels, 
     for got, same, expected in zip(by_image, batched, (y64, grad_w, grad_x)):
         np.testing.assert_allclose(got, same, **TOL[np.float32])
         np.testing.assert_allclose(got, expected, **TOL[np.float32])
+
+
+@pytest.mark.parametrize("size", [3, 7, 12])
+def test_convolution_gradients_do_not_depend_on_the_thread_count(size):
+    """The image groups and weight-gradient shares of the per-image kernels, and Winograd's
+    per-point sums, are fixed by the shapes: one thread and all of them give the same bits."""
+    import numba
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs two Numba threads")
+    x = random_array(0, (5, 6, size, size), np.float32)
+    weight = random_array(1, (4, 6, 3, 3), np.float32)
+    grad_out = random_array(2, (5, 4, size, size), np.float32)
+
+    def gradients():
+        return (K.conv2d_backward_weight(grad_out, x, 3, 3, 1, 1, 1, 1),
+                K.conv2d_backward_input(grad_out, weight, size, size, 1, 1, 1, 1),
+                K.conv2d_backward_weight(grad_out, x, 1, 1, 1, 1, 0, 0),
+                K.winograd_conv2d_backward_weight(grad_out, x, 1, 1, 2))
+
+    threads = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        alone = gradients()
+    finally:
+        numba.set_num_threads(threads)
+    for one, many in zip(alone, gradients()):
+        np.testing.assert_array_equal(one, many)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
