@@ -58,19 +58,22 @@ WINOGRAD_EVAL_CHUNK_BYTES = 8 * 3 * 224 * 224 * 4
 # tiles 0.68-1.23x, slower on 5 of 7 layers.
 WINOGRAD_BLOCK_BYTES = 1024 * 1024
 WINOGRAD_MIN_BLOCK_TILES = 64
-# The weight gradient's blocks are longer: each block's products accumulate into the share's
-# alpha^2 x O x C partial sums (16 MB at 512 channels), read and written once per block. Measured,
-# batch 8, 2 threads, 1 / 4 / 16 MiB: 512 @14 71-132 / 61-72 / 59-69 ms, 256 @28 35-42 / 34-37 /
-# 33-34 ms, 64 @56 13-15 / 13-15 / 17-19 ms, 128 @28 and 256 @14 within the noise.
+# The weight gradient's blocks are shared by the threads (the tiles transformed in parts, then each
+# point's product on one thread, winograd.weight_gradient_points) and longer: each block's products
+# accumulate into the alpha^2 x O x C sums (16 MB at 512 channels), read and written once per
+# block. Measured, batch 8, 2 threads, 4 / 16 / 32 MiB: 512 @14 44.5 / 44.3 / 45.3 ms, 256 @28
+# 22.5 / 23.2 / 23.4, 128 @56 22.0 / 24.0 / 25.7, 64 @56 9.9 / 12.5 / 13.2, 256 @14 and 128 @28
+# within 10%.
 WINOGRAD_GRADIENT_BLOCK_BYTES = 4 * 1024 * 1024
 
-# A weight gradient that runs on the kernels' threads (conv2d_backward_weight image by image,
-# Winograd's) sums one partial gradient per share of the images or tiles, then adds the partials
-# in order. The number of shares is this (fewer where the partials would pass IM2COL_BUDGET_BYTES),
-# never the thread count: threads.share_cores changes that from call to call on a busy machine, and
-# a gradient must not depend on it (two fits in one process would differ in the last bits).
-# Measured, Winograd's weight gradient at 256 channels @14, batch 8, 2 threads: 2 / 4 / 8 shares
-# took 28-33 / 15-21 / 24-70 ms (128 @28 and 64 @56 within 15% of each other).
+# An im2col weight gradient that runs on the kernels' threads (conv2d_backward_weight by groups of
+# images) sums one partial gradient per share of the images, then adds the partials in order. The
+# number of shares is this (fewer where the partials would pass IM2COL_BUDGET_BYTES), never the
+# thread count: threads.share_cores changes that from call to call on a busy machine, and a
+# gradient must not depend on it (two fits in one process would differ in the last bits).
+# (Winograd's weight gradient needs no partials: each point's sum is one thread's.) Measured, when
+# Winograd's used shares, at 256 channels @14, batch 8, 2 threads: 2 / 4 / 8 shares took 28-33 /
+# 15-21 / 24-70 ms.
 GRADIENT_SHARES = 4
 
 # Nearest-neighbour search screens distances one [query block, bank block] matrix at a time

@@ -95,7 +95,8 @@ def _unfold_plane(plane, c, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w
     """The kh*kw rows of channel c of one image's column matrix, from its plane [H, W]: see im2col;
     written to columns [offset, offset + out_h*out_w) of cols (several images side by side).
 
-    Shapes: plane [H, W], phases [sh, sw, ceil(H / sh), ceil(W / sw)] (scratch), cols [C*kh*kw, >= offset + out_h*out_w].
+    Shapes: plane [H, W], phases [sh, sw, ceil(H / sh), ceil(W / sw)] (scratch),
+    cols [C*kh*kw, >= offset + out_h*out_w].
     """
     height, width = plane.shape
     _split_phases(plane, phases)

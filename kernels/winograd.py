@@ -69,7 +69,7 @@ from . import _config, memory
 from ._config import JIT_OPTIONS, PARALLEL_JIT_OPTIONS
 from .blas import gemm
 from .activation import clamp
-from .conv import _gradient_shares, _share, _sum_in_order, conv2d_output_size
+from .conv import _share, conv2d_output_size
 
 #: The finite interpolation points for alpha = m + r - 1 (alpha - 1 of them, and infinity): F(2, 3)
 #: and the weight gradient's F(3, 2) use alpha = 4, F(4, 3) and F(3, 4) alpha = 6.
@@ -149,24 +149,25 @@ def filter_transform(weight, g, rotated, u):
 
 
 @njit(**JIT_OPTIONS)
-def input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, first, v):
-    """V[xi, row, c] = (B^T d B)[xi // alpha, xi % alpha] for channel c of the size x size tile d
-    of tile job = first + row (image n = job // T, tile t = th*tiles_w + tw), whose top-left pixel
-    is (th*m - pad_h, tw*m - pad_w); zeros outside the image. b_t is [alpha, size]: B^T (size =
-    alpha) for the forward pass's input tiles, or G (size = m) for the weight gradient's m x m
-    tiles of dL/dy.
+def input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, first, rows_from, rows_to, v):
+    """V[xi, row, c] = (B^T d B)[xi // alpha, xi % alpha] for rows_from <= row < rows_to: channel c
+    of the size x size tile d of tile job = first + row (image n = job // T, tile t = th*tiles_w
+    + tw), whose top-left pixel is (th*m - pad_h, tw*m - pad_w); zeros outside the image. b_t is
+    [alpha, size]: B^T (size = alpha) for the forward pass's input tiles, or G (size = m) for the
+    weight gradient's m x m tiles of dL/dy.
 
     Shapes: x_nhwc [N, H, W, C] (channels last: every inner loop runs along the channels, which
-    are contiguous, and vectorises), b_t [alpha, size] -> v [alpha^2, rows, C] (written in place):
-    one block of consecutive tiles. Zero coefficients (16 of 36 in B^T for m = 4) are skipped
-    outside the inner loops, and so are the rows and columns of a tile that fall outside the image.
-    Serial: called for one block by one thread of the callers' parallel loops.
+    are contiguous, and vectorises), b_t [alpha, size] -> v [alpha^2, rows, C] (rows rows_from to
+    rows_to written in place): one block of consecutive tiles. Zero coefficients (16 of 36 in B^T
+    for m = 4) are skipped outside the inner loops, and so are the rows and columns of a tile that
+    fall outside the image.
+    Serial: called for (part of) one block by one thread of the callers' parallel loops.
     """
     batch, height, width, channels = x_nhwc.shape
     alpha, size = b_t.shape
     tiles = tiles_h * tiles_w
     left = np.empty((alpha, size, channels), dtype=v.dtype)
-    for row in range(v.shape[1]):
+    for row in range(rows_from, rows_to):
         job = first + row
         n = job // tiles
         th = (job % tiles) // tiles_w
@@ -274,8 +275,9 @@ def _channels_last(x):
 
 @njit(**JIT_OPTIONS)
 def _block_buffers(alpha2, block_rows, channels, out_channels, dtype):
-    """One thread's flat scratch for a block's transformed tiles of both sides (input channels
-    and output channels), viewed per block by _block_views."""
+    """Flat scratch for a block's transformed tiles of both sides (input channels and output
+    channels), viewed per block by _block_views: one thread's in forward_blocks, shared by all in
+    weight_gradient_points."""
     return (np.empty(alpha2 * block_rows * channels, dtype=dtype),
             np.empty(alpha2 * block_rows * out_channels, dtype=dtype))
 
@@ -308,35 +310,40 @@ def forward_blocks(x_nhwc, b_t, a_t, u, m, pad_h, pad_w, tiles_h, tiles_w, block
         buffers = _block_buffers(alpha2, block_rows, channels, out_channels, x_nhwc.dtype)
         for start in range(first, stop, block_rows):
             v, mm = _block_views(buffers, alpha2, min(block_rows, stop - start), channels, out_channels)
-            input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, start, v)
+            input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, start, 0, v.shape[1], v)
             for xi in range(alpha2):
                 gemm(v[xi], u[xi], mm[xi])
             output_transform(mm, a_t, tiles_h, tiles_w, start, bias, lower, upper, y)
 
 
 @njit(**PARALLEL_JIT_OPTIONS)
-def weight_gradient_shares(x_nhwc, g_nhwc, b_t, g, m, pad_h, pad_w, tiles_h, tiles_w, block_rows, sums):
-    """Each share's sum over its tiles for the weight gradient: sums[share, xi] = sum over the
-    share's tiles of (G g G^T)[xi]^T (B^T d B)[xi], block by block (the input tiles transformed by
-    B^T, the m x m tiles of dL/dy by G, then one gemm per point that accumulates into the sum).
+def weight_gradient_points(x_nhwc, g_nhwc, b_t, g, m, pad_h, pad_w, tiles_h, tiles_w, block_rows, parts, sums):
+    """The weight gradient's sum over all tiles, per point: sums[xi] = sum over the tiles of
+    (G g G^T)[xi]^T (B^T d B)[xi], block by block. For each block of at most block_rows
+    consecutive tiles: the input tiles transformed by B^T and the m x m tiles of dL/dy by G, the
+    tiles split among ``parts`` threads; then the alpha^2 products [O, rows] @ [rows, C], each
+    point's on one thread, accumulated into that point's sum.
 
-    Shapes: x_nhwc [N, H, W, C], g_nhwc [N, Ho, Wo, O] -> sums [shares, alpha^2, O, C] (zeros on
-    entry, accumulated in place).
-    Parallel: over the shares; the caller adds the shares' sums in order and fixes their number
-    without looking at the thread count (GRADIENT_SHARES), so the result never depends on it.
+    Shapes: x_nhwc [N, H, W, C], g_nhwc [N, Ho, Wo, O] -> sums [alpha^2, O, C] (zeros on entry,
+    accumulated in place).
+    Parallel: the transforms over shares of a block's tiles (a tile's transform is its own, however
+    they are split), the products over the points. Each point's sum adds the blocks in order on
+    one thread, so the result never depends on the thread count, and there are no per-thread
+    partial sums of alpha^2 * O * C values to write and add (16 MiB each at 512 channels).
     """
-    shares, alpha2, out_channels, channels = sums.shape
+    alpha2, out_channels, channels = sums.shape
     jobs = x_nhwc.shape[0] * tiles_h * tiles_w
     unpadded = np.int64(0)  # not a literal 0, which would compile input_transform a second time
-    for share in prange(shares):
-        first, stop = _share(jobs, shares, share)
-        buffers = _block_buffers(alpha2, block_rows, channels, out_channels, x_nhwc.dtype)
-        for start in range(first, stop, block_rows):
-            v, du = _block_views(buffers, alpha2, min(block_rows, stop - start), channels, out_channels)
-            input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, start, v)
-            input_transform(g_nhwc, g, m, unpadded, unpadded, tiles_h, tiles_w, start, du)
-            for xi in range(alpha2):
-                gemm(du[xi], v[xi], sums[share, xi], True, 1.0)
+    buffers = _block_buffers(alpha2, block_rows, channels, out_channels, x_nhwc.dtype)
+    for start in range(0, jobs, block_rows):
+        rows = min(block_rows, jobs - start)
+        v, du = _block_views(buffers, alpha2, rows, channels, out_channels)
+        for part in prange(parts):
+            rows_from, rows_to = _share(rows, parts, part)
+            input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, start, rows_from, rows_to, v)
+            input_transform(g_nhwc, g, m, unpadded, unpadded, tiles_h, tiles_w, start, rows_from, rows_to, du)
+        for xi in prange(alpha2):
+            gemm(du[xi], v[xi], sums[xi], True, 1.0)
 
 
 def _thread_shares(jobs):
@@ -351,9 +358,12 @@ _MATRICES = {}
 def _matrices(m, dtype):
     key = (m, np.dtype(dtype))
     if key not in _MATRICES:
-        a_t, g, b_t = transform_matrices(m)
-        # C layout for all: a kernel compiles once per layout of each argument
-        _MATRICES[key] = (np.ascontiguousarray(a_t, dtype), np.ascontiguousarray(g), np.ascontiguousarray(b_t, dtype))
+        # C layout for all: a kernel compiles once per layout of each argument. In the data's
+        # dtype, G too: with float64 coefficients the float32 filter transform ran its sums in
+        # float64, half as many per vector, plus conversions (512 x 512 filters, F(2x2): 7.3
+        # against 4.2 ms); the largest forward error on the wide_resnet50_2 shapes moved within
+        # its spread (F(2x2) 3.7-6.5e-7 unchanged, F(4x4) 6.9e-6-1.02e-5 -> 7.5e-6-1.08e-5).
+        _MATRICES[key] = tuple(np.ascontiguousarray(t, dtype) for t in transform_matrices(m))
     return _MATRICES[key]
 
 
@@ -375,9 +385,10 @@ def winograd_conv2d_forward(x, weight, bias, pad_h, pad_w, m=4, lower=-np.inf, u
     Shapes: x [N, C, H, W], weight [O, C, 3, 3] (unread, and may be None, when ``filters`` are given),
     bias [O] or None -> y [N, O, Ho, Wo], Ho = H + 2 pad_h - 2. Steps: the filter transform U
     (winograd_filters; pass ``filters`` [alpha^2, C, O] to reuse one, as a frozen layer does) and a
-    channels-last copy of x; then forward_blocks runs the N*T tiles in blocks of about WINOGRAD_BLOCK_BYTES (kernels/_config.py), one share of them per
-    thread: the block's input transform V, the alpha^2 products M[xi] = V[xi] @ U[xi] by gemm on
-    that thread, and the output transform, which adds the bias and a fused ReLU. A block's V and M
+    channels-last copy of x; then forward_blocks runs the N*T tiles in blocks of about
+    WINOGRAD_BLOCK_BYTES (kernels/_config.py), one share of them per thread: the block's input
+    transform V, the alpha^2 products M[xi] = V[xi] @ U[xi] by gemm on that thread, and the output
+    transform, which adds the bias and a fused ReLU. A block's V and M
     (alpha^2 * rows * (C + O) values) are what one core keeps in its cache between the steps.
     """
     x = np.ascontiguousarray(x)  # one layout for the kernels: each other one would compile them again
@@ -420,8 +431,8 @@ def winograd_conv2d_backward_weight(grad_out, x, pad_h, pad_w, m=4):
         dW[o, c] = A^T [ sum_tiles (G g_o G^T) * (B^T d_c B) ] A,
     so the alpha^2 products are [O, tiles] @ [tiles, C], long in the summed dimension (BLAS's best
     case), in blocks of about WINOGRAD_GRADIENT_BLOCK_BYTES, and the input tiles are
-    transformed exactly as in the forward pass. Each share of the tiles is summed on one thread;
-    the shares' sums are added at the end, in order.
+    transformed exactly as in the forward pass. Each point's sum runs on one thread over all the
+    blocks in order (weight_gradient_points): no partial sums, and no dependence on the threads.
     """
     grad_out, x = np.ascontiguousarray(grad_out), np.ascontiguousarray(x)
     batch, channels, height, width = x.shape
@@ -432,15 +443,14 @@ def winograd_conv2d_backward_weight(grad_out, x, pad_h, pad_w, m=4):
     tiles_h, tiles_w = -(-out_h // m), -(-out_w // m)
     x_nhwc, g_nhwc = _channels_last(x), _channels_last(grad_out)
     jobs = batch * tiles_h * tiles_w
-    shares = _gradient_shares(jobs, alpha * alpha * out_channels * channels * x.itemsize)
-    block_rows = _block_rows(alpha, channels + out_channels, x.itemsize, _config.WINOGRAD_GRADIENT_BLOCK_BYTES)
-    block_rows = min(block_rows, -(-jobs // shares))
-    sums = np.zeros((shares, alpha * alpha, out_channels, channels), x.dtype)
+    block_rows = min(jobs, _block_rows(alpha, channels + out_channels, x.itemsize,
+                                       _config.WINOGRAD_GRADIENT_BLOCK_BYTES))
+    sums = np.zeros((alpha * alpha, out_channels, channels), x.dtype)
     with threads.single_threaded_blas():
-        weight_gradient_shares(x_nhwc, g_nhwc, b_t, g, m, pad_h, pad_w, tiles_h, tiles_w, block_rows, sums)
-    summed = _sum_in_order(sums)
+        weight_gradient_points(x_nhwc, g_nhwc, b_t, g, m, pad_h, pad_w, tiles_h, tiles_w, block_rows,
+                               _thread_shares(block_rows), sums)
     # dW[o, c] = A^T M[o, c] A with M[o, c] the alpha x alpha points of (o, c)
-    points = summed.reshape(alpha, alpha, out_channels, channels)
+    points = sums.reshape(alpha, alpha, out_channels, channels)
     return np.ascontiguousarray(np.einsum("ia,aboc,jb->ocij", a_t, points, a_t, optimize=True))
 
 

@@ -415,9 +415,10 @@ class Conv2d(Module):
         """Whether a Winograd layer's weight gradient runs by Winograd too: when the batch has at
         least half as many m x m tiles as the smaller channel count. Its alpha^2 products sum over
         the tiles, [O, tiles] @ [tiles, C]; with few tiles they write alpha^2 O x C matrices for
-        little work. Measured, batch 8, 2 threads (docs/speed.md): 64 channels at 56 x 56 by F(4x4)
-        18.7 ms against im2col's 32.4, 256 at 14 x 14 by F(2x2) 26.4 against 30.0, but 512 at
-        7 x 7 (128 tiles of 2 x 2) 54.8 against 44.4 ms."""
+        little work. Measured, weight gradient alone, batch 8, 2 threads (docs/speed.md): 64
+        channels at 56 x 56 by F(4x4) 9.9 ms against im2col's 17.5, 256 at 14 x 14 by F(2x2) 10.3
+        against 14.2, 512 at 14 x 14 44.5 against 48.1, but 512 at 7 x 7 (128 tiles of 2 x 2)
+        30.8 against 15.1 ms."""
         tiles = grad_out.shape[0] * -(-grad_out.shape[2] // m) * -(-grad_out.shape[3] // m)
         return 2 * tiles >= min(self.in_channels, self.out_channels)
 
