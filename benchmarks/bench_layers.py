@@ -187,17 +187,18 @@ def main():
             layer.eval()
             compare(f"conv fwd  {name} (winograd F({m}x{m}), eval)", lambda: layer(x), torch_forward, winograd_floor)
 
-            winograd_weight = layer._winograd_weight_gradient(g, m)  # as Conv2d decides for this batch
+            winograd_backward = layer._winograd_backward(g, m)  # as Conv2d decides for this batch
 
-            def our_backward():  # noqa: F811 - Winograd input gradient, and weight gradient where it wins
-                K.winograd_conv2d_backward_input(g, w, p, p, m)
-                if winograd_weight:
+            def our_backward():  # noqa: F811 - both gradients by Winograd where it wins, else im2col
+                if winograd_backward:
+                    K.winograd_conv2d_backward_input(g, w, p, p, m)
                     K.winograd_conv2d_backward_weight(g, x, p, p, m)
                 else:
+                    K.conv2d_backward_input(g, w, size, size, s, s, p, p)
                     K.conv2d_backward_weight(g, x, k, k, s, s, p, p)
                 K.conv2d_backward_bias(g)
 
-            compare(f"conv bwd  {name} (winograd{'' if winograd_weight else ' input'})", our_backward,
+            compare(f"conv bwd  {name} ({'winograd' if winograd_backward else 'im2col'})", our_backward,
                     torch_backward, backward_floor)
             continue
         compare(f"conv fwd  {name}", lambda: K.conv2d_forward(x, w, b, s, s, p, p), torch_forward, forward_floor)

@@ -411,14 +411,16 @@ class Conv2d(Module):
         wide = min(self.in_channels, self.out_channels) >= WINOGRAD_MIN_CHANNELS
         return m if wide and tiles >= WINOGRAD_MIN_TILES else None
 
-    def _winograd_weight_gradient(self, grad_out, m):
-        """Whether a Winograd layer's weight gradient runs by Winograd too: when the batch has at
-        least half as many m x m tiles as the smaller channel count. Its alpha^2 products sum over
-        the tiles, [O, tiles] @ [tiles, C]; with few tiles they write alpha^2 O x C matrices for
-        little work. Measured, weight gradient alone, batch 8, 2 threads (docs/speed.md): 64
+    def _winograd_backward(self, grad_out, m):
+        """Whether a Winograd layer's gradients run by Winograd too: when the batch has at least half
+        as many m x m tiles as the smaller channel count. With few tiles, the weight gradient's
+        alpha^2 products, [O, tiles] @ [tiles, C], write alpha^2 O x C matrices for little work,
+        and the input gradient's transform of the (rotated) filters, alpha^2 O x C values, is
+        most of its time. Measured, batch 8, 2 threads (docs/speed.md), weight gradient: 64
         channels at 56 x 56 by F(4x4) 9.9 ms against im2col's 17.5, 256 at 14 x 14 by F(2x2) 10.3
         against 14.2, 512 at 14 x 14 44.5 against 48.1, but 512 at 7 x 7 (128 tiles of 2 x 2)
-        30.8 against 15.1 ms."""
+        30.8 against 15.1 ms; input gradient at 512 x 7 x 7: F(2x2) 15.1-15.3 ms against im2col's
+        12.5-13.7 (by groups of images)."""
         tiles = grad_out.shape[0] * -(-grad_out.shape[2] // m) * -(-grad_out.shape[3] // m)
         return 2 * tiles >= min(self.in_channels, self.out_channels)
 
@@ -456,7 +458,9 @@ class Conv2d(Module):
         x, pads, crop = self._take_saved()
         stride, kernel = self._stride, self.kernel_size
         m = self._winograd_tile(x, pads) if self.groups == 1 else None
-        if m is not None and self._winograd_weight_gradient(grad_out, m):
+        if m is not None and not self._winograd_backward(grad_out, m):
+            m = None  # both gradients by im2col
+        if m is not None:
             grad_w = self.kernels.winograd_conv2d_backward_weight(grad_out, x, *pads, m)
         elif self.groups == 1:
             grad_w = self.kernels.conv2d_backward_weight(grad_out, x, *kernel, *stride, *pads)
