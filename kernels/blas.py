@@ -152,6 +152,9 @@ def gemm(a, b, out, transpose_a=False, beta=0.0, transpose_b=False):
     ignores what out held (as BLAS does); beta = 1 accumulates into it. Serial: it runs on the
     calling thread, which is one thread of a kernel's parallel loop (OpenBLAS's own threads off,
     see threads.single_threaded_blas).
+    The kernels pass every flag, as np.bool_(...) and np.float64(...): Numba compiles a function
+    again for each literal argument (True, 1.0, 0) and each omitted default, so the six call sites
+    would make four specialisations of gemm (and a literal 0 a second input_transform).
     """
     rows, inner = (a.shape[1], a.shape[0]) if transpose_a else (a.shape[0], a.shape[1])
     b_inner, columns = (b.shape[1], b.shape[0]) if transpose_b else (b.shape[0], b.shape[1])

@@ -133,7 +133,7 @@ def im2col(x, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w
         c = job % channels
         phases = _phase_buffer(height, width, stride_h, stride_w, x.dtype)
         _unfold_plane(x[b, c], c, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, phases, cols[b],
-                      0)
+                      np.int64(0))
 
 
 @njit(**JIT_OPTIONS)
@@ -193,17 +193,18 @@ def conv2d_forward_images(x, w2, bias, kernel_h, kernel_w, stride_h, stride_w, p
     out_channels, rows = w2.shape
     positions = out_h * out_w
     for share in prange(shares):
-        col_scratch, _, phases = _group_scratch(rows, out_channels, 1, positions, pointwise, height, width, stride_h,
-                                                stride_w, x.dtype)
+        one = np.int64(1)  # not a literal 1, which would compile _group_scratch and _unfold_images again
+        col_scratch, _, phases = _group_scratch(rows, out_channels, one, positions, pointwise, height, width,
+                                                stride_h, stride_w, x.dtype)
         first, stop = _share(batch, shares, share)
         for n in range(first, stop):
             if pointwise:
                 cols = x[n].reshape((channels, positions))
             else:
                 cols = _columns_view(col_scratch, rows, positions)
-                _unfold_images(x, n, 1, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, pointwise,
-                               phases, cols)
-            gemm(w2, cols, y[n])
+                _unfold_images(x, n, one, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w,
+                               pointwise, phases, cols)
+            gemm(w2, cols, y[n], np.bool_(False), np.float64(0.0), np.bool_(False))
             for o in range(out_channels):
                 row = y[n, o]
                 for p in range(positions):
@@ -246,7 +247,8 @@ def col2im_add(cols, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h
     for job in prange(batch * channels):
         b = job // channels
         c = job % channels
-        _fold_plane(cols[b], c, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, 0, x[b, c])
+        _fold_plane(cols[b], c, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, np.int64(0),
+                    x[b, c])
 
 
 @njit(**PARALLEL_JIT_OPTIONS)
@@ -294,13 +296,14 @@ def conv2d_backward_images(grad_out, x, w2, kernel_h, kernel_w, stride_h, stride
                     cols = _columns_view(col_scratch, rows, count * positions)
                     _unfold_images(x, start, count, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h,
                                    out_w, pointwise, phases, cols)
-                gemm(grads, cols, grad_w2[share], False, 1.0, True)
+                gemm(grads, cols, grad_w2[share], np.bool_(False), np.float64(1.0), np.bool_(True))
             if input_grad:
                 if pointwise and count == 1:
-                    gemm(w2, grads, grad_x[start].reshape((channels, positions)), True)
+                    gemm(w2, grads, grad_x[start].reshape((channels, positions)), np.bool_(True), np.float64(0.0),
+                         np.bool_(False))
                     continue
                 cols = _columns_view(col_scratch, rows, count * positions)
-                gemm(w2, grads, cols, True)
+                gemm(w2, grads, cols, np.bool_(True), np.float64(0.0), np.bool_(False))
                 for k in range(count):
                     for c in range(channels):
                         if pointwise:

@@ -310,9 +310,9 @@ def forward_blocks(x_nhwc, b_t, a_t, u, m, pad_h, pad_w, tiles_h, tiles_w, block
         buffers = _block_buffers(alpha2, block_rows, channels, out_channels, x_nhwc.dtype)
         for start in range(first, stop, block_rows):
             v, mm = _block_views(buffers, alpha2, min(block_rows, stop - start), channels, out_channels)
-            input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, start, 0, v.shape[1], v)
+            input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, start, np.int64(0), v.shape[1], v)
             for xi in range(alpha2):
-                gemm(v[xi], u[xi], mm[xi])
+                gemm(v[xi], u[xi], mm[xi], np.bool_(False), np.float64(0.0), np.bool_(False))
             output_transform(mm, a_t, tiles_h, tiles_w, start, bias, lower, upper, y)
 
 
@@ -333,7 +333,7 @@ def weight_gradient_points(x_nhwc, g_nhwc, b_t, g, m, pad_h, pad_w, tiles_h, til
     """
     alpha2, out_channels, channels = sums.shape
     jobs = x_nhwc.shape[0] * tiles_h * tiles_w
-    unpadded = np.int64(0)  # not a literal 0, which would compile input_transform a second time
+    unpadded = np.int64(0)  # not a literal 0, which would compile input_transform a second time (blas.gemm)
     buffers = _block_buffers(alpha2, block_rows, channels, out_channels, x_nhwc.dtype)
     for start in range(0, jobs, block_rows):
         rows = min(block_rows, jobs - start)
@@ -343,7 +343,7 @@ def weight_gradient_points(x_nhwc, g_nhwc, b_t, g, m, pad_h, pad_w, tiles_h, til
             input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, start, rows_from, rows_to, v)
             input_transform(g_nhwc, g, m, unpadded, unpadded, tiles_h, tiles_w, start, rows_from, rows_to, du)
         for xi in prange(alpha2):
-            gemm(du[xi], v[xi], sums[xi], True, 1.0)
+            gemm(du[xi], v[xi], sums[xi], np.bool_(True), np.float64(1.0), np.bool_(False))
 
 
 def _thread_shares(jobs):
