@@ -10,6 +10,9 @@ for a machine is a one-file change and no kernel hides a magic number.
 # and reassociating float sums would make those comparisons depend on the compiler's mood.
 JIT_OPTIONS = {"cache": True, "fastmath": False, "nogil": True}
 PARALLEL_JIT_OPTIONS = dict(JIT_OPTIONS, parallel=True)
+# In a parallel kernel, np.zeros (like any array expression) becomes a parallel loop of its own,
+# compiled as a second gufunc: the kernels allocate np.empty and zero each plane inside their own
+# loop instead (max_pool2d_backward_input compiled in 1.9 s with np.zeros, 1.0 s without).
 
 # Long sums (batch-norm statistics, bias gradients) accumulate in float64, where letting LLVM
 # reassociate the additions changes the result by a few float64 ulps and nothing at float32

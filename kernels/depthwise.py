@@ -64,11 +64,14 @@ def depthwise_conv2d_backward_input(grad_out, weight, in_h, in_w, stride_h, stri
     """
     batch, channels, out_h, out_w = grad_out.shape
     kernel_h, kernel_w = weight.shape[2], weight.shape[3]
-    grad_x = np.zeros((batch, channels, in_h, in_w), dtype=grad_out.dtype)
+    grad_x = np.empty((batch, channels, in_h, in_w), dtype=grad_out.dtype)  # zeroed in the loop (PARALLEL_JIT_OPTIONS)
     for job in prange(batch * channels):
         n = job // channels
         c = job % channels
         plane = grad_x[n, c]
+        for ih in range(in_h):
+            for iw in range(in_w):
+                plane[ih, iw] = 0.0
         for i in range(kernel_h):
             oh_lo, oh_hi = _valid_outputs(out_h, in_h, stride_h, pad_h, i)
             for j in range(kernel_w):

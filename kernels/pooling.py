@@ -62,11 +62,13 @@ def max_pool2d_backward_input(grad_out, argmax, in_h, in_w):
     Parallel: over (n, c) planes; argmax always points inside the same plane.
     """
     batch, channels, out_h, out_w = grad_out.shape
-    grad_x = np.zeros((batch, channels, in_h, in_w), dtype=grad_out.dtype)
+    grad_x = np.empty((batch, channels, in_h, in_w), dtype=grad_out.dtype)  # zeroed in the loop (PARALLEL_JIT_OPTIONS)
     for job in prange(batch * channels):
         n = job // channels
         c = job % channels
         plane = grad_x[n, c].reshape(in_h * in_w)
+        for i in range(plane.size):
+            plane[i] = 0.0
         for oh in range(out_h):
             for ow in range(out_w):
                 plane[argmax[n, c, oh, ow]] += grad_out[n, c, oh, ow]
@@ -116,10 +118,13 @@ def avg_pool2d_backward_input(grad_out, in_h, in_w, kernel_h, kernel_w, stride_h
     Parallel: over (n, c) planes.
     """
     batch, channels, out_h, out_w = grad_out.shape
-    grad_x = np.zeros((batch, channels, in_h, in_w), dtype=grad_out.dtype)
+    grad_x = np.empty((batch, channels, in_h, in_w), dtype=grad_out.dtype)  # zeroed in the loop (PARALLEL_JIT_OPTIONS)
     for job in prange(batch * channels):
         n = job // channels
         c = job % channels
+        plane = grad_x[n, c].reshape(in_h * in_w)
+        for i in range(plane.size):
+            plane[i] = 0.0
         for oh in range(out_h):
             h0 = max(oh * stride_h - pad_h, 0)
             h1 = min(oh * stride_h - pad_h + kernel_h, in_h)

@@ -58,11 +58,13 @@ def channel_mean_squared_difference(a, b):
     Parallel: over (n, h) rows of the output.
     """
     batch, channels, height, width = a.shape
-    out = np.zeros((batch, height, width), dtype=np.float64)
+    out = np.empty((batch, height, width), dtype=np.float64)  # zeroed in the loop (PARALLEL_JIT_OPTIONS)
     for job in prange(batch * height):
         n = job // height
         h = job % height
         row = out[n, h]
+        for w in range(width):
+            row[w] = 0.0
         for c in range(channels):
             a_line = a[n, c, h]
             b_line = b[n, c, h]
