@@ -44,6 +44,7 @@ from .pooling import (
 from .reduce import all_below, all_finite, channel_mean_squared_difference, squared_difference_loss
 from .resize import bilinear_resize, gaussian_blur, gaussian_kernel1d
 from .winograd import (
+    winograd_conv2d_backward,
     winograd_conv2d_backward_input,
     winograd_conv2d_backward_weight,
     winograd_conv2d_forward,
@@ -54,8 +55,8 @@ from .winograd import (
 
 #: Kernels with no numba.cuda twin: nn.Conv2d finds them missing on the "cuda" table and runs its
 #: 3x3 convolutions by im2col there (the GPU products are tiled kernels, not BLAS calls).
-CPU_ONLY = ("winograd_conv2d_backward_input", "winograd_conv2d_backward_weight", "winograd_conv2d_forward",
-            "winograd_filters")
+CPU_ONLY = ("winograd_conv2d_backward", "winograd_conv2d_backward_input", "winograd_conv2d_backward_weight",
+            "winograd_conv2d_forward", "winograd_filters")
 
 
 def for_device(device):
@@ -108,6 +109,7 @@ __all__ = [
     "pool2d_output_size",
     "relu_backward_input",
     "relu_forward",
+    "winograd_conv2d_backward",
     "winograd_conv2d_backward_input",
     "winograd_conv2d_backward_weight",
     "winograd_conv2d_forward",

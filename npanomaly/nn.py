@@ -461,7 +461,7 @@ class Conv2d(Module):
         if m is not None and not self._winograd_backward(grad_out, m):
             m = None  # both gradients by im2col
         if m is not None:
-            grad_w = self.kernels.winograd_conv2d_backward_weight(grad_out, x, *pads, m)
+            grad_w, grad_x = self.kernels.winograd_conv2d_backward(grad_out, x, self.weight.data, *pads, m, input_grad)
         elif self.groups == 1:
             grad_w = self.kernels.conv2d_backward_weight(grad_out, x, *kernel, *stride, *pads)
         elif self._depthwise():
@@ -476,22 +476,23 @@ class Conv2d(Module):
             self.bias.accumulate(self.kernels.conv2d_backward_bias(grad_out))
         if not input_grad:
             return None
-        height, width = x.shape[2:]
-        if m is not None:
-            grad_x = self.kernels.winograd_conv2d_backward_input(grad_out, self.weight.data, *pads, m)
-        elif self.groups == 1:
-            grad_x = self.kernels.conv2d_backward_input(grad_out, self.weight.data, height, width, *stride, *pads)
-        elif self._depthwise():
-            grad_x = self.kernels.depthwise_conv2d_backward_input(grad_out, self.weight.data, height, width, *stride,
-                                                                  *pads)
-        else:
-            grad_x = np.concatenate([self.kernels.conv2d_backward_input(np.ascontiguousarray(grad_out[:, go]),
-                                                                   self.weight.data[go], height, width, *stride,
-                                                                   *pads)
-                                     for gi, go in self._group_slices()], axis=1)
+        if m is None:  # (by Winograd, grad_x came with grad_w)
+            grad_x = self._input_gradient(grad_out, *x.shape[2:], pads)
         if crop is not None:  # the gradient of the explicit padding's zeros is dropped
             grad_x = np.ascontiguousarray(grad_x[:, :, crop[0], crop[1]])
         return grad_x
+
+    def _input_gradient(self, grad_out, height, width, pads):
+        """dL/dx by im2col, the depthwise kernels or per group (everything but Winograd)."""
+        stride = self._stride
+        if self.groups == 1:
+            return self.kernels.conv2d_backward_input(grad_out, self.weight.data, height, width, *stride, *pads)
+        if self._depthwise():
+            return self.kernels.depthwise_conv2d_backward_input(grad_out, self.weight.data, height, width, *stride,
+                                                                *pads)
+        return np.concatenate([self.kernels.conv2d_backward_input(np.ascontiguousarray(grad_out[:, go]),
+                                                                 self.weight.data[go], height, width, *stride, *pads)
+                               for gi, go in self._group_slices()], axis=1)
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self._stride}, "

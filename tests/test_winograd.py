@@ -108,6 +108,22 @@ def test_gradients_match_the_reference(batch, channels, out_channels, height, wi
         np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10 * max(1.0, np.abs(expected).max()))
 
 
+@pytest.mark.parametrize("m", [2, 4])
+def test_the_combined_backward_gives_the_separate_gradients_bit_for_bit(m):
+    """winograd_conv2d_backward shares dL/dy's channels-last copy between the two gradients; the
+    sums must be exactly those of the two separate functions, and no input gradient unless asked."""
+    rng = np.random.default_rng(m)
+    x = rng.standard_normal((3, 5, 9, 7)).astype(np.float32)
+    weight = rng.standard_normal((6, 5, 3, 3)).astype(np.float32)
+    grad_out = rng.standard_normal((3, 6, 9, 7)).astype(np.float32)
+    grad_w, grad_x = winograd.winograd_conv2d_backward(grad_out, x, weight, 1, 1, m)
+    np.testing.assert_array_equal(grad_w, winograd.winograd_conv2d_backward_weight(grad_out, x, 1, 1, m))
+    np.testing.assert_array_equal(grad_x, winograd.winograd_conv2d_backward_input(grad_out, weight, 1, 1, m))
+    only_w, none = winograd.winograd_conv2d_backward(grad_out, x, weight, 1, 1, m, input_grad=False)
+    assert none is None
+    np.testing.assert_array_equal(only_w, grad_w)
+
+
 def test_weight_gradient_float32_error_stays_within_the_measured_bound():
     """Measured against float64 on 8 images of 64-512 channels (benchmark shapes): F(4x4) up to
     1.6e-5 of the largest entry, im2col 4.6e-7; the tolerance is four times F(4x4)'s."""
