@@ -191,8 +191,7 @@ def main():
 
             def our_backward():  # noqa: F811 - both gradients by Winograd where it wins, else im2col
                 if winograd_backward:
-                    K.winograd_conv2d_backward_input(g, w, p, p, m)
-                    K.winograd_conv2d_backward_weight(g, x, p, p, m)
+                    K.winograd_conv2d_backward(g, x, w, p, p, m)
                 else:
                     K.conv2d_backward_input(g, w, size, size, s, s, p, p)
                     K.conv2d_backward_weight(g, x, k, k, s, s, p, p)
