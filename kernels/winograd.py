@@ -111,7 +111,7 @@ def filter_transform(weight, g, rotated, u):
     (contiguous, vectorised). Gathering in place replaces transposed NumPy copies of the whole
     bank (and, for the input gradient, a rotated copy first), which took longer than the transform:
     at 512 x 512 x 3 x 3, F(2x2), 11.5 ms became 7.5 ms (rotated: 14.6 ms), of which the gather is
-    2-2.5 ms. (Gathering 8 input channels at a time, to read 72 consecutive taps instead of 9, was
+    2-2.5 ms, and 4.2 ms with G in the data's dtype (_matrices). (Gathering 8 input channels at a time, to read 72 consecutive taps instead of 9, was
     slower: 10.7-11.4 ms.)
     Serial: a frozen layer runs it once (Conv2d caches U in evaluation mode), and a parallel loop
     took 3 s more of compile time (measured: 30.4 against 27.6 s for the cold compile of all
