@@ -52,9 +52,12 @@ float32 error grows with m (measured in docs/speed.md).
 
 **Gradients.** The input gradient of a 3 x 3 stride-1 convolution with padding p is the same
 convolution of dL/dy with the filters flipped in both axes and transposed (in and out channels
-swapped), padding 2 - p: each input pixel collects w[o, c, i, j] dL/dy[o, h - i + p, w - j + p].
-The weight gradient is Winograd's F(3 x 3, m x m) with the tiles of dL/dy as filters
-(winograd_conv2d_backward_weight), where it is faster than the im2col product (nn.Conv2d decides).
+swapped), padding 2 - p: each input pixel collects w[o, c, i, j] dL/dy[o, h - i + p, w - j + p]
+(filter_transform reads the filters rotated in place). The weight gradient is Winograd's
+F(3 x 3, m x m) with the tiles of dL/dy as filters (winograd_conv2d_backward_weight), each
+transform point summed over all tiles on one thread. nn.Conv2d runs both gradients this way
+(winograd_conv2d_backward, one channels-last copy of dL/dy for the two) where the batch has
+enough tiles for it to beat im2col, else both by im2col.
 
 Shapes: x [N, C, H, W], weight [O, C, 3, 3], tiles T = ceil(Ho / m) * ceil(Wo / m) per image.
 """
