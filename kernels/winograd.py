@@ -114,8 +114,8 @@ def filter_transform(weight, g, rotated, u):
     (contiguous, vectorised). Gathering in place replaces transposed NumPy copies of the whole
     bank (and, for the input gradient, a rotated copy first), which took longer than the transform:
     at 512 x 512 x 3 x 3, F(2x2), 11.5 ms became 7.5 ms (rotated: 14.6 ms), of which the gather is
-    2-2.5 ms, and 4.2 ms with G in the data's dtype (_matrices). (Gathering 8 input channels at a time, to read 72 consecutive taps instead of 9, was
-    slower: 10.7-11.4 ms.)
+    2-2.5 ms, and 4.2 ms with G in the data's dtype (_matrices). (Gathering 8 input channels at a
+    time, to read 72 consecutive taps instead of 9, was slower: 10.7-11.4 ms.)
     Serial: a frozen layer runs it once (Conv2d caches U in evaluation mode), and a parallel loop
     took 3 s more of compile time (measured: 30.4 against 27.6 s for the cold compile of all
     kernels, whose budget is 30 s).
@@ -358,15 +358,17 @@ def _thread_shares(jobs):
 _MATRICES = {}
 
 
-def _matrices(m, dtype):
-    key = (m, np.dtype(dtype))
+def _matrices(m, dtype, r=3):
+    """transform_matrices(m, r) (A^T, G, B^T) in dtype, made once per process: F(m x m, 3 x 3) for
+    the forward pass, F(3 x 3, m x m) (m=3, r=m) for the weight gradient."""
+    key = (m, r, np.dtype(dtype))
     if key not in _MATRICES:
         # C layout for all: a kernel compiles once per layout of each argument. In the data's
         # dtype, G too: with float64 coefficients the float32 filter transform ran its sums in
         # float64, half as many per vector, plus conversions (512 x 512 filters, F(2x2): 7.3
         # against 4.2 ms); the largest forward error on the wide_resnet50_2 shapes moved within
         # its spread (F(2x2) 3.7-6.5e-7 unchanged, F(4x4) 6.9e-6-1.02e-5 -> 7.5e-6-1.08e-5).
-        _MATRICES[key] = tuple(np.ascontiguousarray(t, dtype) for t in transform_matrices(m))
+        _MATRICES[key] = tuple(np.ascontiguousarray(t, dtype) for t in transform_matrices(m, r))
     return _MATRICES[key]
 
 
@@ -443,8 +445,7 @@ def winograd_conv2d_backward_weight(grad_out, x, pad_h, pad_w, m=4, grad_out_nhw
     grad_out, x = np.ascontiguousarray(grad_out), np.ascontiguousarray(x)
     batch, channels, height, width = x.shape
     out_channels, out_h, out_w = grad_out.shape[1:]
-    a_t, g, b_t = transform_matrices(3, m)
-    a_t, g, b_t = (np.ascontiguousarray(t, x.dtype) for t in (a_t, g, b_t))  # C layout: one compile
+    a_t, g, b_t = _matrices(3, x.dtype, r=m)
     alpha = m + 2
     tiles_h, tiles_w = -(-out_h // m), -(-out_w // m)
     x_nhwc = _channels_last(x)
