@@ -105,10 +105,12 @@ BACKEND = _register()
 @intrinsic
 def _gemm(typingctx, a, b, c, transpose_a, transpose_b, beta):
     """c = op(a) @ op(b) + beta * c through the registered symbol; op(t) = t.T when its flag is set.
-    a, b, c: 2-D C-contiguous arrays of one float dtype (checked here, at compile time); their
-    shapes are not checked (gemm does that): M, N come from c, K from a."""
+    a, b, c: 2-D arrays of one float dtype, C-contiguous or rows of a wider matrix (layout "A",
+    such as u[:, lo:hi]; checked here, at compile time); their leading dimensions are their row
+    strides. Neither their shapes nor a unit column stride are checked here (gemm does that):
+    M, N come from c, K from a."""
     arrays = (a, b, c)
-    if not all(isinstance(t, types.Array) and t.ndim == 2 and t.layout == "C" for t in arrays):
+    if not all(isinstance(t, types.Array) and t.ndim == 2 and t.layout in ("C", "A") for t in arrays):
         return None
     if len({t.dtype for t in arrays}) != 1 or str(c.dtype) not in _SYMBOLS:
         return None
@@ -129,9 +131,17 @@ def _gemm(typingctx, a, b, c, transpose_a, transpose_b, beta):
         m, n = (builder.extract_value(c_array.shape, axis) for axis in (0, 1))
         a_rows, a_cols = (builder.extract_value(a_array.shape, axis) for axis in (0, 1))
         k = builder.select(transpose_a, a_rows, a_cols)
-        one = ir.Constant(i64, 1)
-        lda, ldb, ldc = (builder.select(builder.icmp_signed("<", width, one), one, width)  # BLAS wants >= 1
-                         for width in (builder.extract_value(t.shape, 1) for t in (a_array, b_array, c_array)))
+        one, itemsize = ir.Constant(i64, 1), ir.Constant(i64, context.get_abi_sizeof(context.get_data_type(dtype)))
+
+        def leading_dimension(array):  # the row stride in elements; BLAS wants at least max(1, columns)
+            rows, columns = (builder.extract_value(array.shape, axis) for axis in (0, 1))
+            stride = builder.sdiv(builder.extract_value(array.strides, 0), itemsize)
+            width = builder.select(builder.icmp_signed("<", columns, one), one, columns)
+            # a single row may have any stride (NumPy gives it 0 or the row's length): use its width
+            unit = builder.icmp_signed("<=", rows, one)
+            return builder.select(builder.or_(unit, builder.icmp_signed("<", stride, width)), width, stride)
+
+        lda, ldb, ldc = (leading_dimension(t) for t in (a_array, b_array, c_array))
 
         def flag(transpose):
             return builder.select(transpose, ir.Constant(i32, TRANS), ir.Constant(i32, NO_TRANS))
@@ -148,7 +158,8 @@ def _gemm(typingctx, a, b, c, transpose_a, transpose_b, beta):
 def gemm(a, b, out, transpose_a=False, beta=0.0, transpose_b=False):
     """out = op(a) @ op(b) + beta * out, in place, with op(t) = t.T where its flag is set (BLAS's gemm).
 
-    Shapes: op(a) [M, K], op(b) [K, N], out [M, N]; 2-D, C-contiguous, one float dtype. beta = 0
+    Shapes: op(a) [M, K], op(b) [K, N], out [M, N]; 2-D, one float dtype, each C-contiguous or a
+    block of columns of a C-contiguous matrix (such as u[:, lo:hi], whose rows are u's). beta = 0
     ignores what out held (as BLAS does); beta = 1 accumulates into it. Serial: it runs on the
     calling thread, which is one thread of a kernel's parallel loop (OpenBLAS's own threads off,
     see threads.single_threaded_blas).
@@ -168,4 +179,7 @@ def gemm(a, b, out, transpose_a=False, beta=0.0, transpose_b=False):
         else:
             out *= beta
         return
+    if ((a.shape[1] > 1 and a.strides[1] != a.itemsize) or (b.shape[1] > 1 and b.strides[1] != b.itemsize)
+            or (out.shape[1] > 1 and out.strides[1] != out.itemsize)):
+        raise ValueError("gemm: a, b and out need contiguous rows")
     _gemm(a, b, out, transpose_a, transpose_b, beta)

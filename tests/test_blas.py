@@ -44,6 +44,34 @@ def test_gemm_matches_numpy(m, n, k, transpose, accumulate, dtype):
     np.testing.assert_allclose(out, expected, rtol=tolerance, atol=tolerance * max(1, k))
 
 
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(1, 9), n=st.integers(1, 9), k=st.integers(1, 9), margins=st.tuples(*[st.integers(0, 3)] * 6),
+       transpose=st.booleans(), dtype=st.sampled_from([np.float32, np.float64]))
+def test_gemm_on_column_blocks_of_wider_matrices(m, n, k, margins, transpose, dtype):
+    """a, b and out as blocks of columns of wider matrices (their rows strided): BLAS's leading
+    dimensions must be the row strides, and nothing outside the block of out may change."""
+    rng = np.random.default_rng(m * 100 + n * 10 + k)
+    (a_left, a_right), (b_left, b_right), (o_left, o_right) = zip(margins[::2], margins[1::2])
+    a_shape = (k, m) if transpose else (m, k)
+    a_wide = rng.standard_normal((a_shape[0], a_left + a_shape[1] + a_right)).astype(dtype)
+    b_wide = rng.standard_normal((k, b_left + n + b_right)).astype(dtype)
+    out_wide = rng.standard_normal((m, o_left + n + o_right)).astype(dtype)
+    a = a_wide[:, a_left:a_left + a_shape[1]]
+    b = b_wide[:, b_left:b_left + n]
+    before = out_wide.copy()
+    expected = (a.T if transpose else a).astype(np.float64) @ b
+    blas.gemm(a, b, out_wide[:, o_left:o_left + n], transpose, 0.0)
+    tolerance = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(out_wide[:, o_left:o_left + n], expected, rtol=tolerance, atol=tolerance * k)
+    np.testing.assert_array_equal(out_wide[:, :o_left], before[:, :o_left])
+    np.testing.assert_array_equal(out_wide[:, o_left + n:], before[:, o_left + n:])
+
+
+def test_gemm_rejects_columns_that_are_not_contiguous():
+    with pytest.raises(ValueError, match="contiguous rows"):
+        blas.gemm(np.ones((3, 4)), np.ones((4, 6))[:, ::2], np.empty((3, 3)))
+
+
 def test_gemm_rejects_shapes_that_do_not_chain():
     with pytest.raises(ValueError, match="do not chain"):
         blas.gemm(np.ones((3, 4)), np.ones((5, 2)), np.empty((3, 2)))
