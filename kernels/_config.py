@@ -61,6 +61,12 @@ WINOGRAD_EVAL_CHUNK_BYTES = 8 * 3 * 224 * 224 * 4
 # tiles 0.68-1.23x, slower on 5 of 7 layers.
 WINOGRAD_BLOCK_BYTES = 1024 * 1024
 WINOGRAD_MIN_BLOCK_TILES = 64
+# Where a Winograd forward pass has fewer tiles than that per thread, its threads share out the
+# output channels instead, if each gets at least this many: every thread reads only its columns of
+# U (36 x 512 x 512 floats, 38 MB, at ResNet's 7 x 7 stage: more than the L3 cache) instead of all
+# of it. Measured, the 36 products alone at 8 x 512 x 7 x 7 (32 tiles of 4 x 4), 2 threads: 6.1-6.2
+# ms by tiles, 5.2-5.3 by channels (torch's whole convolution 8.1-8.2 ms).
+WINOGRAD_MIN_SHARE_CHANNELS = 64
 # The weight gradient's blocks are shared by the threads (the tiles transformed in parts, then each
 # point's product on one thread, winograd.weight_gradient_points) and longer: each block's products
 # accumulate into the alpha^2 x O x C sums (16 MB at 512 channels), read and written once per

@@ -203,19 +203,21 @@ def input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, first, rows_
 
 
 @njit(**JIT_OPTIONS)
-def output_transform(mm, a_t, tiles_h, tiles_w, first, bias, lower, upper, y):
-    """y[n, o, th*m + i, tw*m + j] = clamp((A^T M A)[i, j] + bias[o]) for the points M[:, row, o]
-    of tile job = first + row (numbered as in input_transform), dropping the positions of the last
-    tiles that fall outside the output.
+def output_transform(mm, a_t, tiles_h, tiles_w, first, o_first, bias, lower, upper, y):
+    """y[n, o_first + o, th*m + i, tw*m + j] = clamp((A^T M A)[i, j] + bias[o_first + o]) for the
+    points M[:, row, o] of tile job = first + row (numbered as in input_transform), dropping the
+    positions of the last tiles that fall outside the output.
 
-    Shapes: mm [alpha^2, rows, O] (one block of consecutive tiles), a_t [m, alpha], bias [O]
-    -> y [N, O, Ho, Wo] (written in place, at this block's tiles only). The sums run along the
+    Shapes: mm [alpha^2, rows, O'] (one block of consecutive tiles, output channels o_first to
+    o_first + O'), a_t [m, alpha], bias [O] -> y [N, O, Ho, Wo] (written in place, at this block's
+    tiles and channels only). The sums run along the
     output channels (contiguous in M, vectorised) into a buffer, from which each output pixel's
     channels are stored (as fast as a channels-last output and a copy back, measured, and one kernel
     less to compile). Math: clamp as add_channel_bias: (lower, upper) = (0, inf) is a fused ReLU.
     Serial: called for one block by one thread of the callers' parallel loops.
     """
-    batch, out_channels, out_h, out_w = y.shape
+    out_h, out_w = y.shape[2:]
+    out_channels = mm.shape[2]
     m, alpha = a_t.shape
     tiles = tiles_h * tiles_w
     left = np.empty((m, alpha, out_channels), dtype=mm.dtype)
@@ -239,14 +241,14 @@ def output_transform(mm, a_t, tiles_h, tiles_w, first, bias, lower, upper, y):
         for i in range(min(m, out_h - th * m)):  # (A^T M) A, inside the output only
             for j in range(min(m, out_w - tw * m)):
                 for o in range(out.size):  # a loop: slice assignment compiles to far more code
-                    out[o] = bias[o]
+                    out[o] = bias[o_first + o]
                 for b in range(alpha):
                     coefficient = a_t[j, b]
                     if coefficient != 0.0:
                         for o in range(out_channels):
                             out[o] += coefficient * left[i, b, o]
                 for o in range(out_channels):
-                    y[n, o, th * m + i, tw * m + j] = clamp(out[o], lower, upper)
+                    y[n, o_first + o, th * m + i, tw * m + j] = clamp(out[o], lower, upper)
 
 
 @njit(**PARALLEL_JIT_OPTIONS)
@@ -295,28 +297,34 @@ def _block_views(buffers, alpha2, rows, channels, out_channels):
 
 
 @njit(**PARALLEL_JIT_OPTIONS)
-def forward_blocks(x_nhwc, b_t, a_t, u, m, pad_h, pad_w, tiles_h, tiles_w, block_rows, shares, bias, lower, upper,
-                   y):
+def forward_blocks(x_nhwc, b_t, a_t, u, m, pad_h, pad_w, tiles_h, tiles_w, block_rows, tile_shares, channel_shares,
+                   bias, lower, upper, y):
     """The Winograd forward pass of every tile, block by block: for each block of at most
     block_rows consecutive tiles, V = input_transform, M[xi] = V[xi] @ U[xi] for each of the
     alpha^2 points (gemm, on this thread), then output_transform into y.
 
     Shapes: x_nhwc [N, H, W, C], u [alpha^2, C, O], bias [O] -> y [N, O, Ho, Wo] (in place).
-    Parallel: over ``shares`` contiguous shares of the N*T tiles, one per thread; each share's
-    blocks run start to end on its thread, so a block's V and M stay in that core's cache between
-    the steps, and each tile's output depends on nothing but its own block.
+    Parallel: over tile_shares x channel_shares shares, one per thread: contiguous shares of the
+    N*T tiles, and for each, contiguous shares of the O output channels (the products'
+    columns, U[xi][:, lo:hi]). Each share's blocks run start to end on its thread, so a block's V
+    and M stay in that core's cache between the steps, and each output depends on nothing but its
+    own tile and channel. Splitting the channels is for layers with few tiles (ResNet's 7 x 7
+    stage): each thread then reads its part of U instead of all of it, and each thread
+    transforms the block's input tiles itself, a small cost there.
     """
     alpha2, channels, out_channels = u.shape
     jobs = x_nhwc.shape[0] * tiles_h * tiles_w
-    for share in prange(shares):
-        first, stop = _share(jobs, shares, share)
-        buffers = _block_buffers(alpha2, block_rows, channels, out_channels, x_nhwc.dtype)
+    for share in prange(tile_shares * channel_shares):
+        first, stop = _share(jobs, tile_shares, share // channel_shares)
+        o_first, o_stop = _share(out_channels, channel_shares, share % channel_shares)
+        width = o_stop - o_first
+        buffers = _block_buffers(alpha2, block_rows, channels, width, x_nhwc.dtype)
         for start in range(first, stop, block_rows):
-            v, mm = _block_views(buffers, alpha2, min(block_rows, stop - start), channels, out_channels)
+            v, mm = _block_views(buffers, alpha2, min(block_rows, stop - start), channels, width)
             input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, start, np.int64(0), v.shape[1], v)
             for xi in range(alpha2):
-                gemm(v[xi], u[xi], mm[xi], np.bool_(False), np.float64(0.0), np.bool_(False))
-            output_transform(mm, a_t, tiles_h, tiles_w, start, bias, lower, upper, y)
+                gemm(v[xi], u[xi][:, o_first:o_stop], mm[xi], np.bool_(False), np.float64(0.0), np.bool_(False))
+            output_transform(mm, a_t, tiles_h, tiles_w, start, o_first, bias, lower, upper, y)
 
 
 @njit(**PARALLEL_JIT_OPTIONS)
@@ -411,13 +419,25 @@ def winograd_conv2d_forward(x, weight, bias, pad_h, pad_w, m=4, lower=-np.inf, u
     y = memory.empty((batch, out_channels, out_h, out_w), x.dtype)
     zeros = np.zeros(out_channels, x.dtype) if bias is None else bias
     jobs = batch * tiles_h * tiles_w
-    shares = _thread_shares(jobs)
-    block_rows = _block_rows(alpha, channels + out_channels, x.itemsize, _config.WINOGRAD_BLOCK_BYTES)
-    block_rows = min(block_rows, -(-jobs // shares))
+    tile_shares, channel_shares = _forward_shares(jobs, out_channels, numba.get_num_threads())
+    block_rows = _block_rows(alpha, channels + out_channels // channel_shares, x.itemsize,
+                             _config.WINOGRAD_BLOCK_BYTES)
+    block_rows = min(block_rows, -(-jobs // tile_shares))
     with threads.single_threaded_blas():
-        forward_blocks(x_nhwc, b_t, a_t, u, m, pad_h, pad_w, tiles_h, tiles_w, block_rows, shares, zeros, lower,
-                       upper, y)
+        forward_blocks(x_nhwc, b_t, a_t, u, m, pad_h, pad_w, tiles_h, tiles_w, block_rows, tile_shares,
+                       channel_shares, zeros, lower, upper, y)
     return y
+
+
+def _forward_shares(jobs, out_channels, workers):
+    """(tile shares, channel shares) of forward_blocks for ``workers`` threads: the tiles shared
+    out, unless there are fewer than WINOGRAD_MIN_BLOCK_TILES per thread and at least
+    WINOGRAD_MIN_SHARE_CHANNELS output channels per thread: then every thread runs every tile, for
+    its share of the output channels."""
+    if (workers > 1 and jobs < workers * _config.WINOGRAD_MIN_BLOCK_TILES
+            and out_channels >= workers * _config.WINOGRAD_MIN_SHARE_CHANNELS):
+        return 1, workers
+    return max(1, min(workers, jobs)), 1
 
 
 def _block_rows(alpha, channels, itemsize, budget):

@@ -255,21 +255,26 @@ class Module:
 
 
 #: Conv2d(algorithm="auto") runs Winograd from this many input and output channels and this many
-#: output tiles per image (of the tile size chosen below): outputs of 7 x 7 and more with 2 x 2
-#: tiles (all of ResNet's stages at 224 x 224). Counted per image, so that an image's result never
-#: depends on how many others share its batch. Measured (docs/speed.md), batch 8 x 224^2, 2 threads:
+#: 2 x 2 output tiles per image, whatever tile size it then uses: outputs of 7 x 7 and more (all of
+#: ResNet's stages at 224 x 224). Counted per image, so that an image's result never depends on
+#: how many others share its batch. Measured (docs/speed.md), batch 8 x 224^2, 2 threads:
 #: ResNet-18's 512-channel 7 x 7 layer took 11.1 ms by F(2x2) against 25.9 ms by im2col (torch
-#: 10.0 ms); with 4 x 4 tiles it has only 4 per image and took 19.2 ms.
+#: 10.0 ms).
 WINOGRAD_MIN_CHANNELS = 16
 WINOGRAD_MIN_TILES = 16
 
-#: Output sides from which Winograd uses 4 x 4 tiles, F(4x4, 3x3) (36 multiplications per 16 outputs
-#: instead of F(2x2)'s 16 per 4); below it 2 x 2 tiles, F(2x2, 3x3), which is as exact as im2col,
-#: wastes nothing on 14 x 14 (4 x 4 tiles cover 16 x 16), and leaves four times as many rows per
-#: product. Measured forward, batch 8, 2 threads, over torch's time (2-3 runs): F(4x4) / F(2x2)
-#: 0.57-0.60x / 0.65-0.68x at 128 @56, 0.58-0.67x / 0.64-0.76x at 256 @28, 0.96-1.45x / 0.83-1.02x
-#: at 256 @14, 1.71-1.96x / 1.01-1.19x at 512 @7; ties within the noise at 64 @56 (0.78-0.99x /
-#: 0.76-0.85x), 128 @28 (0.74-1.07x / 0.67-0.81x) and 512 @14 (0.79-0.85x / 0.80-0.99x).
+#: In training, output sides from which Winograd uses 4 x 4 tiles, F(4x4, 3x3) (36 multiplications
+#: per 16 outputs instead of F(2x2)'s 16 per 4); below it 2 x 2 tiles, F(2x2, 3x3), which is as
+#: exact as im2col: a training step transforms its filters anew (36 against 16 alpha^2 x C x O
+#: values), and 4 x 4 tiles waste 31% on 14 x 14 and 7 x 7. In evaluation mode the filters are
+#: transformed once, and F(4x4) is faster on every ResNet and WideResNet shape, 7 x 7 included
+#: (where the threads share the output channels, kernels/winograd.py). Measured, batch 8, 2
+#: threads, over torch's time, forward with filters transformed once (evaluation) F(4x4) / F(2x2):
+#: 0.77-0.81x / 0.98-1.06x at 64 @56, 0.56-0.58x / 0.78-0.81x at 128 @56, 0.59-0.63x / 0.82-0.85x at
+#: 128 @28, 0.52-0.55x / 0.69-0.76x at 256 @28, 0.66-0.71x / 0.79-0.82x at 256 @14, 0.58-0.60x /
+#: 0.80-0.83x at 512 @14, 0.74-0.77x / 0.92-0.95x at 512 @7; with the filter transform (training)
+#: 0.96-0.97x / 0.92-0.93x at 256 @14, 1.79-1.80x / 1.45-1.52x at 512 @7, 0.66-0.68x / 0.85-0.89x at
+#: 128 @28.
 WINOGRAD_LARGE_TILE_SIZE = 28
 
 
@@ -395,19 +400,20 @@ class Conv2d(Module):
         input and output channels and the call has at least WINOGRAD_MIN_TILES output tiles per
         image: below those the products are too narrow for BLAS and im2col is faster; and not
         where NumPy's BLAS is not an OpenBLAS that kernels can call (kernels/blas.py). The tile size:
-        m = 4 when both output sides are at least WINOGRAD_LARGE_TILE_SIZE, else m = 2 (measured in
-        docs/speed.md). Counted per image, so an image's result never depends on its batch mates."""
+        m = 4 in evaluation mode, and in training when both output sides are at least
+        WINOGRAD_LARGE_TILE_SIZE, else m = 2 (measured in docs/speed.md). Counted per image, so an
+        image's result never depends on its batch mates."""
         if self._algorithm == "im2col" or not hasattr(self.kernels, "winograd_conv2d_forward"):
             return None
         out_h, out_w = (n + 2 * p - 2 for n, p in zip(x.shape[2:], pads))
-        m = 4 if min(out_h, out_w) >= WINOGRAD_LARGE_TILE_SIZE else 2
+        m = 4 if min(out_h, out_w) >= WINOGRAD_LARGE_TILE_SIZE or not self.training else 2
         if self._algorithm == "winograd":
             return m
         if not self._winograd_shape() or max(pads) > 2 or x.dtype != np.float32:
             return None  # float64 is for exact cross-checks: it keeps im2col's sums (and compiles less)
         if blas.BACKEND != "openblas":
             return None  # Winograd's products would go through kernels/blas.py's slow NumPy callback
-        tiles = -(-out_h // m) * -(-out_w // m)
+        tiles = -(-out_h // 2) * -(-out_w // 2)
         wide = min(self.in_channels, self.out_channels) >= WINOGRAD_MIN_CHANNELS
         return m if wide and tiles >= WINOGRAD_MIN_TILES else None
 

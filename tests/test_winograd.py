@@ -50,8 +50,11 @@ def test_filter_transforms_are_g_w_g_transposed_of_each_filter(m):
 @settings(max_examples=60, deadline=None)
 @given(batch=st.integers(1, 3), channels=st.integers(1, 5), out_channels=st.integers(1, 5),
        height=st.integers(1, 11), width=st.integers(1, 11), pad=st.integers(0, 2), m=st.sampled_from([2, 4]),
-       bias=st.booleans(), relu=st.booleans())
-def test_forward_matches_the_reference_in_float64(batch, channels, out_channels, height, width, pad, m, bias, relu):
+       bias=st.booleans(), relu=st.booleans(), shares=st.sampled_from([None, (1, 2), (1, 3), (2, 2), (3, 1)]))
+def test_forward_matches_the_reference_in_float64(batch, channels, out_channels, height, width, pad, m, bias, relu,
+                                                  shares):
+    """shares: (tile shares, channel shares) forced on forward_blocks, more of each than there may
+    be tiles or channels (None: its own rule for this machine's threads)."""
     if height + 2 * pad < 3 or width + 2 * pad < 3:
         return
     rng = np.random.default_rng(batch * 1000 + channels * 100 + height * 10 + width)
@@ -61,7 +64,13 @@ def test_forward_matches_the_reference_in_float64(batch, channels, out_channels,
     expected = reference.conv2d(x, weight, b, (1, 1), (pad, pad))
     if relu:
         expected = np.maximum(expected, 0.0)
-    got = winograd.winograd_conv2d_forward(x, weight, b, pad, pad, m, 0.0 if relu else -np.inf)
+    rule = winograd._forward_shares
+    try:
+        if shares is not None:
+            winograd._forward_shares = lambda jobs, out_channels, workers: shares
+        got = winograd.winograd_conv2d_forward(x, weight, b, pad, pad, m, 0.0 if relu else -np.inf)
+    finally:
+        winograd._forward_shares = rule
     assert got.shape == expected.shape
     np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10 * max(1.0, np.abs(expected).max()))
 
@@ -150,16 +159,21 @@ def test_conv2d_auto_chooses_winograd_for_wide_calls_only(monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(kernels, "winograd_conv2d_forward", spy)
-    wide = nn.Conv2d(32, 32, 3, padding=1, seed=0).eval()
+    wide = nn.Conv2d(32, 32, 3, padding=1, seed=0)  # training: the filters are transformed every call
     wide(np.zeros((4, 32, 32, 32), np.float32))  # 32 x 32 outputs: 8 x 8 tiles of 4 x 4 per image
     wide(np.zeros((4, 32, 28, 30), np.float32))  # both sides >= 28: still 4 x 4 tiles
     wide(np.zeros((4, 32, 27, 40), np.float32))  # one side < 28: 2 x 2 tiles
     wide(np.zeros((16, 32, 7, 7), np.float32))   # 16 tiles of 2 x 2 per image
     wide(np.zeros((16, 32, 6, 6), np.float32))   # 9 tiles per image, however many images: im2col
+    wide.eval()  # evaluation: the filters are transformed once, 4 x 4 tiles at every size
+    wide(np.zeros((4, 32, 27, 40), np.float32))
+    wide(np.zeros((16, 32, 7, 7), np.float32))   # still counted in 2 x 2 tiles: 16 per image
+    wide(np.zeros((16, 32, 6, 6), np.float32))   # 9: im2col
     nn.Conv2d(3, 32, 3, padding=1, seed=0)(np.zeros((4, 3, 32, 32), np.float32))  # 3 input channels: im2col
     nn.Conv2d(32, 32, 3, stride=2, padding=1, seed=0)(np.zeros((4, 32, 32, 32), np.float32))  # stride 2
     nn.Conv2d(32, 32, 3, padding=1, seed=0).to(np.float64)(np.zeros((1, 32, 32, 32)))  # float64: im2col
-    assert calls == [((4, 32, 32, 32), 4), ((4, 32, 28, 30), 4), ((4, 32, 27, 40), 2), ((16, 32, 7, 7), 2)]
+    assert calls == [((4, 32, 32, 32), 4), ((4, 32, 28, 30), 4), ((4, 32, 27, 40), 2), ((16, 32, 7, 7), 2),
+                     ((4, 32, 27, 40), 4), ((16, 32, 7, 7), 4)]
     with pytest.raises(ValueError, match="needs a dense 3x3 stride-1 convolution"):
         nn.Conv2d(8, 8, 1, algorithm="winograd")
     with pytest.raises(ValueError, match="algorithm must be"):
