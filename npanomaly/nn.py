@@ -271,10 +271,10 @@ WINOGRAD_MIN_TILES = 16
 #: (where the threads share the output channels, kernels/winograd.py). Measured, batch 8, 2
 #: threads, over torch's time, forward with filters transformed once (evaluation) F(4x4) / F(2x2):
 #: 0.77-0.81x / 0.98-1.06x at 64 @56, 0.56-0.58x / 0.78-0.81x at 128 @56, 0.59-0.63x / 0.82-0.85x at
-#: 128 @28, 0.52-0.55x / 0.69-0.76x at 256 @28, 0.66-0.71x / 0.79-0.82x at 256 @14, 0.58-0.60x /
-#: 0.80-0.83x at 512 @14, 0.74-0.77x / 0.92-0.95x at 512 @7; with the filter transform (training)
-#: 0.96-0.97x / 0.92-0.93x at 256 @14, 1.79-1.80x / 1.45-1.52x at 512 @7, 0.66-0.68x / 0.85-0.89x at
-#: 128 @28.
+#: 128 @28, 0.52-0.55x / 0.69-0.76x at 256 @28, 0.65-0.73x / 0.75-0.86x at 256 @14, 0.57-0.60x /
+#: 0.78-0.83x at 512 @14, 0.74-0.77x / 0.92-0.95x at 512 @7 (2-7 runs each); with the filter
+#: transform (training) 0.96-0.97x / 0.92-0.93x at 256 @14, 1.79-1.80x / 1.45-1.52x at 512 @7,
+#: 0.66-0.68x / 0.85-0.89x at 128 @28.
 WINOGRAD_LARGE_TILE_SIZE = 28
 
 
@@ -325,8 +325,8 @@ class Conv2d(Module):
         """How a dense 3x3 stride-1 convolution is computed: "auto" (the measured rule of
         _winograd_tile), "im2col" (one product per image over unfolded columns: the same sums as
         other frameworks, for exact cross-checks) or "winograd" (kernels/winograd.py, F(4x4, 3x3)
-        or F(2x2, 3x3) by the size rule of _winograd_tile: 4x or 2.25x fewer multiplications, float32
-        error 20x or 1x im2col's). Other convolutions always use im2col (or the depthwise kernels),
+        or F(2x2, 3x3) by the mode and size rule of _winograd_tile: 4x or 2.25x fewer
+        multiplications, float32 error 20x or 1x im2col's). Other convolutions always use im2col (or the depthwise kernels),
         and so does device="cuda"."""
         return self._algorithm
 
@@ -418,17 +418,21 @@ class Conv2d(Module):
         return m if wide and tiles >= WINOGRAD_MIN_TILES else None
 
     def _winograd_backward(self, grad_out, m):
-        """Whether a Winograd layer's gradients run by Winograd too: when the batch has at least half
-        as many m x m tiles as the smaller channel count. With few tiles, the weight gradient's
-        alpha^2 products, [O, tiles] @ [tiles, C], write alpha^2 O x C matrices for little work,
-        and the input gradient's transform of the (rotated) filters, alpha^2 O x C values, is
-        most of its time. Measured, batch 8, 2 threads (docs/speed.md), weight gradient: 64
-        channels at 56 x 56 by F(4x4) 9.9 ms against im2col's 17.5, 256 at 14 x 14 by F(2x2) 10.3
-        against 14.2, 512 at 14 x 14 44.5 against 48.1, but 512 at 7 x 7 (128 tiles of 2 x 2)
-        30.8 against 15.1 ms; input gradient at 512 x 7 x 7: F(2x2) 15.1-15.3 ms against im2col's
-        12.5-13.7 (by groups of images)."""
+        """(weight gradient by Winograd, input gradient by Winograd) for a Winograd layer's
+        backward pass: the weight gradient when the batch has at least a quarter as many m x m
+        tiles as the smaller channel count, the input gradient when it has at least half as many;
+        else each by im2col. With few tiles, the weight gradient's alpha^2 products, [O, tiles] @
+        [tiles, C], write alpha^2 O x C matrices for little work, and the input gradient's
+        transform of the (rotated) filters, alpha^2 O x C values, is most of its time. Measured,
+        2 threads, in turns (docs/speed.md): at 8 x 512 x 7 x 7 (128 tiles of 2 x 2) the weight
+        gradient by F(2x2) took 9.6-12.0 ms against im2col's 13.6-13.7, the input gradient
+        12.3-12.4 against 11.7: both by Winograd 25.0-25.5 ms, this rule's mix 22.7-23.4, both by
+        im2col 25.1-25.7 (torch 20.2-20.6); at 4 x 512 x 7 x 7 17.4-18.3 / 14.8-15.8 / 14.8-15.4 ms,
+        at 2 x 512 x 7 x 7 14.4-14.9 / 9.7-11.4 / 8.1-8.5. Both by Winograd, from 64 channels at
+        56 x 56 to 512 at 14 x 14 (batch 8): 0.54-0.94x torch against im2col's 1.3x and more."""
         tiles = grad_out.shape[0] * -(-grad_out.shape[2] // m) * -(-grad_out.shape[3] // m)
-        return 2 * tiles >= min(self.in_channels, self.out_channels)
+        channels = min(self.in_channels, self.out_channels)
+        return 4 * tiles >= channels, 2 * tiles >= channels
 
     def _winograd_filters_for(self, weight, m):
         """U for weight, kept between calls in evaluation mode: a frozen backbone transforms its
@@ -464,10 +468,11 @@ class Conv2d(Module):
         x, pads, crop = self._take_saved()
         stride, kernel = self._stride, self.kernel_size
         m = self._winograd_tile(x, pads) if self.groups == 1 else None
-        if m is not None and not self._winograd_backward(grad_out, m):
-            m = None  # both gradients by im2col
-        if m is not None:
+        weight_by_winograd, input_by_winograd = (False, False) if m is None else self._winograd_backward(grad_out, m)
+        if input_by_winograd:  # both gradients from one channels-last copy of dL/dy
             grad_w, grad_x = self.kernels.winograd_conv2d_backward(grad_out, x, self.weight.data, *pads, m, input_grad)
+        elif weight_by_winograd:
+            grad_w = self.kernels.winograd_conv2d_backward_weight(grad_out, x, *pads, m)
         elif self.groups == 1:
             grad_w = self.kernels.conv2d_backward_weight(grad_out, x, *kernel, *stride, *pads)
         elif self._depthwise():
@@ -482,7 +487,7 @@ class Conv2d(Module):
             self.bias.accumulate(self.kernels.conv2d_backward_bias(grad_out))
         if not input_grad:
             return None
-        if m is None:  # (by Winograd, grad_x came with grad_w)
+        if not input_by_winograd:  # (by Winograd, grad_x came with grad_w)
             grad_x = self._input_gradient(grad_out, *x.shape[2:], pads)
         if crop is not None:  # the gradient of the explicit padding's zeros is dropped
             grad_x = np.ascontiguousarray(grad_x[:, :, crop[0], crop[1]])

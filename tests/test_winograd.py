@@ -199,6 +199,33 @@ def test_frozen_layers_transform_their_filters_once_per_weight_version(monkeypat
     assert len(transforms) == 2  # training transforms inside the kernel call, every step, and caches nothing
 
 
+@pytest.mark.parametrize("batch,channels,expected", [(2, 64, {"winograd_conv2d_backward"}),
+                                                      (1, 64, {"winograd_conv2d_backward_weight", "conv2d_backward_input"}),
+                                                      (1, 128, {"conv2d_backward_weight", "conv2d_backward_input"})])
+def test_each_gradient_follows_its_batch_rule_and_matches_im2col(monkeypatch, batch, channels, expected):
+    """7 x 7 outputs, 16 tiles of 2 x 2 per image: the weight gradient by Winograd from a quarter as many
+    tiles as channels, the input gradient from half as many; either way the gradients agree with
+    im2col's within F(2x2)'s float32 error."""
+    rng = np.random.default_rng(batch * channels)
+    x = rng.standard_normal((batch, channels, 7, 7)).astype(np.float32)
+    grad_out = rng.standard_normal((batch, channels, 7, 7)).astype(np.float32)
+    gradients = {}
+    for algorithm in ("auto", "im2col"):
+        conv = nn.Conv2d(channels, channels, 3, padding=1, seed=3, algorithm=algorithm)
+        calls = set()
+        for name in ("winograd_conv2d_backward", "winograd_conv2d_backward_weight", "conv2d_backward_weight",
+                     "conv2d_backward_input"):
+            monkeypatch.setattr(kernels, name, lambda *a, _name=name, _f=getattr(kernels, name), **k:
+                                calls.add(_name) or _f(*a, **k))
+        conv(x)
+        grad_x = conv.backward(grad_out)
+        monkeypatch.undo()
+        gradients[algorithm] = (conv.weight.grad, grad_x, calls)
+    assert gradients["auto"][2] == expected
+    for ours, exact in zip(gradients["auto"][:2], gradients["im2col"][:2]):
+        np.testing.assert_allclose(ours, exact, rtol=0, atol=FLOAT32_TOLERANCE[2] * 10 * np.abs(exact).max())
+
+
 def test_networks_agree_between_algorithms():
     rng = np.random.default_rng(5)
     net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1, seed=1), nn.BatchNorm2d(32), nn.ReLU(),
