@@ -90,8 +90,9 @@ def median_times(functions, repeats, warm_up=True):
 def winograd_products(points, tiles, channels, out_channels, rng):
     """A function running only the products of a Winograd convolution's tiles, [tiles, C] @ [C, O]
     at each of the ``points`` transform points, on inputs transformed beforehand, the way
-    kernels.winograd_conv2d_forward runs them: each thread its share of the tiles, in blocks, gemm
-    on that thread. Its time is the floor of the Winograd design (no transforms)."""
+    kernels.winograd_conv2d_forward runs them: each thread its share of the tiles (or, with few
+    tiles, of the output channels), in blocks, gemm on that thread. Its time is the floor of the
+    Winograd design (no transforms)."""
     import numba
     import numpy as np
 
@@ -100,22 +101,25 @@ def winograd_products(points, tiles, channels, out_channels, rng):
 
     v = rng.random((points, tiles, channels), dtype=np.float32)
     u = rng.random((points, channels, out_channels), dtype=np.float32)
-    out = np.empty((points, tiles, out_channels), np.float32)
     alpha = int(round(points ** 0.5))
-    shares = winograd._thread_shares(tiles)
-    block_rows = winograd._block_rows(alpha, channels + out_channels, 4, _config.WINOGRAD_BLOCK_BYTES)
-    block_rows = min(block_rows, -(-tiles // shares))
+    tile_shares, channel_shares = winograd._forward_shares(tiles, out_channels, numba.get_num_threads())
+    out = np.empty((points, tiles, out_channels), np.float32)
+    block_rows = winograd._block_rows(alpha, channels + out_channels // channel_shares, 4,
+                                      _config.WINOGRAD_BLOCK_BYTES)
+    block_rows = min(block_rows, -(-tiles // tile_shares))
 
     @numba.njit(parallel=True)
-    def products(v, u, out, shares, block_rows):
-        for share in numba.prange(shares):
-            first, stop = conv._share(tiles, shares, share)
+    def products(v, u, out, tile_shares, channel_shares, block_rows):
+        for share in numba.prange(tile_shares * channel_shares):
+            first, stop = conv._share(tiles, tile_shares, share // channel_shares)
+            o_first, o_stop = conv._share(u.shape[2], channel_shares, share % channel_shares)
             for start in range(first, stop, block_rows):
                 rows = min(block_rows, stop - start)
                 for xi in range(v.shape[0]):
-                    blas.gemm(v[xi, start:start + rows], u[xi], out[xi, start:start + rows])
+                    blas.gemm(v[xi, start:start + rows], u[xi][:, o_first:o_stop],
+                              out[xi, start:start + rows, o_first:o_stop])
 
     def run():
         with threads.single_threaded_blas():
-            products(v, u, out, shares, block_rows)
+            products(v, u, out, tile_shares, channel_shares, block_rows)
     return run

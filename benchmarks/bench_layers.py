@@ -177,28 +177,33 @@ def main():
                 np.matmul(cols[image], g3[image].T, out=grad_w2t)
 
         if k == 3 and s == 1:  # what Conv2d(algorithm="auto") runs here: Winograd F(m x m, 3 x 3)
-            layer = nn.Conv2d(cin, cout, 3, padding=p)
+            layer = nn.Conv2d(cin, cout, 3, padding=p).eval()
             layer.weight.data, layer.bias.data = w, b
             m = layer._winograd_tile(x, (p, p)) or 4  # (or 4: the tile size where auto runs im2col)
             tiles = batch * (-(-(size + 2 * p - 2) // m)) ** 2
             winograd_floor = winograd_products((m + 2) ** 2, tiles, cin, cout, np.random.default_rng(1))
             compare(f"conv fwd  {name} (im2col)", lambda: K.conv2d_forward(x, w, b, s, s, p, p), torch_forward,
                     forward_floor)
-            layer.eval()
             compare(f"conv fwd  {name} (winograd F({m}x{m}), eval)", lambda: layer(x), torch_forward, winograd_floor)
 
-            winograd_backward = layer._winograd_backward(g, m)  # as Conv2d decides for this batch
+            layer.train()
+            m = layer._winograd_tile(x, (p, p)) or 4  # training's tile size
+            weight_by_winograd, input_by_winograd = layer._winograd_backward(g, m)  # as Conv2d decides
 
-            def our_backward():  # noqa: F811 - both gradients by Winograd where it wins, else im2col
-                if winograd_backward:
+            def our_backward():  # noqa: F811 - each gradient by Winograd where it wins, else im2col
+                if input_by_winograd:
                     K.winograd_conv2d_backward(g, x, w, p, p, m)
                 else:
                     K.conv2d_backward_input(g, w, size, size, s, s, p, p)
-                    K.conv2d_backward_weight(g, x, k, k, s, s, p, p)
+                    if weight_by_winograd:
+                        K.winograd_conv2d_backward_weight(g, x, p, p, m)
+                    else:
+                        K.conv2d_backward_weight(g, x, k, k, s, s, p, p)
                 K.conv2d_backward_bias(g)
 
-            compare(f"conv bwd  {name} ({'winograd' if winograd_backward else 'im2col'})", our_backward,
-                    torch_backward, backward_floor)
+            how = {(True, True): f"winograd F({m}x{m})", (True, False): f"weight winograd F({m}x{m}), input im2col",
+                   (False, False): "im2col"}[weight_by_winograd, input_by_winograd]
+            compare(f"conv bwd  {name} ({how})", our_backward, torch_backward, backward_floor)
             continue
         compare(f"conv fwd  {name}", lambda: K.conv2d_forward(x, w, b, s, s, p, p), torch_forward, forward_floor)
         compare(f"conv bwd  {name}", our_backward, torch_backward, backward_floor)
