@@ -326,8 +326,8 @@ class Conv2d(Module):
         _winograd_tile), "im2col" (one product per image over unfolded columns: the same sums as
         other frameworks, for exact cross-checks) or "winograd" (kernels/winograd.py, F(4x4, 3x3)
         or F(2x2, 3x3) by the mode and size rule of _winograd_tile: 4x or 2.25x fewer
-        multiplications, float32 error 20x or 1x im2col's). Other convolutions always use im2col (or the depthwise kernels),
-        and so does device="cuda"."""
+        multiplications, float32 error 20x or 1x im2col's). Other convolutions always use im2col
+        (or the depthwise kernels), and so does device="cuda"."""
         return self._algorithm
 
     @algorithm.setter

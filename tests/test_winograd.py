@@ -199,9 +199,10 @@ def test_frozen_layers_transform_their_filters_once_per_weight_version(monkeypat
     assert len(transforms) == 2  # training transforms inside the kernel call, every step, and caches nothing
 
 
-@pytest.mark.parametrize("batch,channels,expected", [(2, 64, {"winograd_conv2d_backward"}),
-                                                      (1, 64, {"winograd_conv2d_backward_weight", "conv2d_backward_input"}),
-                                                      (1, 128, {"conv2d_backward_weight", "conv2d_backward_input"})])
+@pytest.mark.parametrize("batch,channels,expected", [
+    (2, 64, {"winograd_conv2d_backward"}),
+    (1, 64, {"winograd_conv2d_backward_weight", "conv2d_backward_input"}),
+    (1, 128, {"conv2d_backward_weight", "conv2d_backward_input"})])
 def test_each_gradient_follows_its_batch_rule_and_matches_im2col(monkeypatch, batch, channels, expected):
     """7 x 7 outputs, 16 tiles of 2 x 2 per image: the weight gradient by Winograd from a quarter as many
     tiles as channels, the input gradient from half as many; either way the gradients agree with
