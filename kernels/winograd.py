@@ -45,7 +45,8 @@ which goes to BLAS (one call per point). The three transforms are the Numba kern
 **Running it.** The tiles are cut into blocks of consecutive tiles small enough for one core's
 cache, and each block runs start to end on one thread of a parallel loop: input transform, the
 alpha^2 products (OpenBLAS's gemm called from the kernel on that thread, kernels/blas.py, which
-says why), output transform.
+says why), output transform. Where there are fewer tiles than a block per thread (ResNet's 7 x 7
+stage), every thread runs every tile instead, for its share of the output channels.
 
 Larger m means fewer products but larger transform coefficients (up to 8 and 1/24 for m = 4): the
 float32 error grows with m (measured in docs/speed.md).
@@ -55,9 +56,10 @@ convolution of dL/dy with the filters flipped in both axes and transposed (in an
 swapped), padding 2 - p: each input pixel collects w[o, c, i, j] dL/dy[o, h - i + p, w - j + p]
 (filter_transform reads the filters rotated in place). The weight gradient is Winograd's
 F(3 x 3, m x m) with the tiles of dL/dy as filters (winograd_conv2d_backward_weight), each
-transform point summed over all tiles on one thread. nn.Conv2d runs both gradients this way
-(winograd_conv2d_backward, one channels-last copy of dL/dy for the two) where the batch has
-enough tiles for it to beat im2col, else both by im2col.
+transform point summed over all tiles on one thread. nn.Conv2d runs each gradient this way where
+the batch has enough tiles for it to beat im2col (fewer for the weight gradient than for the
+input gradient, Conv2d._winograd_backward), both from one channels-last copy of dL/dy when both
+run by Winograd (winograd_conv2d_backward).
 
 Shapes: x [N, C, H, W], weight [O, C, 3, 3], tiles T = ceil(Ho / m) * ceil(Wo / m) per image.
 """
