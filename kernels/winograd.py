@@ -402,10 +402,12 @@ def winograd_conv2d_forward(x, weight, bias, pad_h, pad_w, m=4, lower=-np.inf, u
     bias [O] or None -> y [N, O, Ho, Wo], Ho = H + 2 pad_h - 2. Steps: the filter transform U
     (winograd_filters; pass ``filters`` [alpha^2, C, O] to reuse one, as a frozen layer does) and a
     channels-last copy of x; then forward_blocks runs the N*T tiles in blocks of about
-    WINOGRAD_BLOCK_BYTES (kernels/_config.py), one share of them per thread: the block's input
-    transform V, the alpha^2 products M[xi] = V[xi] @ U[xi] by gemm on that thread, and the output
-    transform, which adds the bias and a fused ReLU. A block's V and M
-    (alpha^2 * rows * (C + O) values) are what one core keeps in its cache between the steps.
+    WINOGRAD_BLOCK_BYTES (kernels/_config.py), one share of them per thread (or, with fewer
+    tiles than a block per thread, all of them for one share of the output channels per thread,
+    _forward_shares): the block's input transform V, the alpha^2 products M[xi] = V[xi] @ U[xi]
+    by gemm on that thread, and the output transform, which adds the bias and a fused ReLU. A
+    block's V and M (alpha^2 * rows * (C + O') values, O' the thread's output channels) are what
+    one core keeps in its cache between the steps.
     ``x_nhwc``: x's channels-last copy where the caller has made one already (winograd_conv2d_backward).
     """
     x = np.ascontiguousarray(x)  # one layout for the kernels: each other one would compile them again

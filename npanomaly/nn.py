@@ -429,7 +429,7 @@ class Conv2d(Module):
         12.3-12.4 against 11.7: both by Winograd 25.0-25.5 ms, this rule's mix 22.7-23.4, both by
         im2col 25.1-25.7 (torch 20.2-20.6); at 4 x 512 x 7 x 7 17.4-18.3 / 14.8-15.8 / 14.8-15.4 ms,
         at 2 x 512 x 7 x 7 14.4-14.9 / 9.7-11.4 / 8.1-8.5. Both by Winograd, from 64 channels at
-        56 x 56 to 512 at 14 x 14 (batch 8): 0.54-0.94x torch against im2col's 1.3x and more."""
+        56 x 56 to 512 at 14 x 14 (batch 8): 0.53-1.07x torch (bench_layers.py)."""
         tiles = grad_out.shape[0] * -(-grad_out.shape[2] // m) * -(-grad_out.shape[3] // m)
         channels = min(self.in_channels, self.out_channels)
         return 4 * tiles >= channels, 2 * tiles >= channels
