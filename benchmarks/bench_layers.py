@@ -188,21 +188,30 @@ def main():
 
             layer.train()
             m = layer._winograd_tile(x, (p, p)) or 4  # training's tile size
-            weight_by_winograd, input_by_winograd = layer._winograd_backward(g, m)  # as Conv2d decides
+            # as Conv2d decides; filters the training forward pass made and keeps for the input gradient
+            reused = layer._reuses_forward_filters(g.shape, m)
+            filters = K.winograd_filters(w, m) if reused else None
+            weight_by_winograd, input_by_winograd = layer._winograd_backward(g.shape, m, reused)
 
             def our_backward():  # noqa: F811 - each gradient by Winograd where it wins, else im2col
-                if input_by_winograd:
-                    K.winograd_conv2d_backward(g, x, w, p, p, m)
+                if weight_by_winograd and input_by_winograd:
+                    K.winograd_conv2d_backward(g, x, w, p, p, m, forward_filters=filters)
                 else:
-                    K.conv2d_backward_input(g, w, size, size, s, s, p, p)
+                    if input_by_winograd:
+                        K.winograd_conv2d_backward_input(g, w, p, p, m, forward_filters=filters)
+                    else:
+                        K.conv2d_backward_input(g, w, size, size, s, s, p, p)
                     if weight_by_winograd:
                         K.winograd_conv2d_backward_weight(g, x, p, p, m)
                     else:
                         K.conv2d_backward_weight(g, x, k, k, s, s, p, p)
                 K.conv2d_backward_bias(g)
 
-            how = {(True, True): f"winograd F({m}x{m})", (True, False): f"weight winograd F({m}x{m}), input im2col",
-                   (False, False): "im2col"}[weight_by_winograd, input_by_winograd]
+            how = ("im2col" if not (weight_by_winograd or input_by_winograd) else
+                   f"winograd F({m}x{m})" if weight_by_winograd and input_by_winograd else
+                   f"weight {'winograd' if weight_by_winograd else 'im2col'}, "
+                   f"input {'winograd' if input_by_winograd else 'im2col'} F({m}x{m})")
+            how += ", forward filters reused" if reused else ""
             compare(f"conv bwd  {name} ({how})", our_backward, torch_backward, backward_floor)
             continue
         compare(f"conv fwd  {name}", lambda: K.conv2d_forward(x, w, b, s, s, p, p), torch_forward, forward_floor)

@@ -16,6 +16,7 @@ import numpy as np
 
 from npanomaly import kernels
 from npanomaly.kernels import _config, blas
+from npanomaly.kernels.winograd import filter_reversal
 from npanomaly._validation import (
     check_array,
     check_batch,
@@ -373,8 +374,8 @@ class Conv2d(Module):
                 pads, crop = (0, 0), (slice(top, top + height), slice(left, left + width))
         if weight is None:
             weight, bias = self.weight.data, (None if self.bias is None else self.bias.data)
-        y = self._convolve(x, weight, bias, pads, lower, upper)
-        self._save(y, x, pads, crop)
+        y, filters = self._convolve(x, weight, bias, pads, lower, upper)
+        self._save(y, x, pads, crop, filters)
         return y
 
     def _depthwise(self):
@@ -417,22 +418,38 @@ class Conv2d(Module):
         wide = min(self.in_channels, self.out_channels) >= WINOGRAD_MIN_CHANNELS
         return m if wide and tiles >= WINOGRAD_MIN_TILES else None
 
-    def _winograd_backward(self, grad_out, m):
+    def _winograd_backward(self, out_shape, m, reused_filters=False):
         """(weight gradient by Winograd, input gradient by Winograd) for a Winograd layer's
         backward pass: the weight gradient when the batch has at least a quarter as many m x m
-        tiles as the smaller channel count, the input gradient when it has at least half as many;
-        else each by im2col. With few tiles, the weight gradient's alpha^2 products, [O, tiles] @
-        [tiles, C], write alpha^2 O x C matrices for little work, and the input gradient's
-        transform of the (rotated) filters, alpha^2 O x C values, is most of its time. Measured,
+        tiles as the smaller channel count, the input gradient when it has at least half as many,
+        or an eighth as many where it reuses the forward pass's filters (``reused_filters``,
+        _reuses_forward_filters); else each by im2col. With few tiles, the weight gradient's alpha^2
+        products, [O, tiles] @ [tiles, C], write alpha^2 O x C matrices for little work, and the
+        input gradient's transform of the (rotated) filters, alpha^2 O x C values, is most of its
+        time. Reusing the forward pass's filters (F(2x2) only) skips that transform, at the price of
+        products against transposed filters, 10-25% slower (input gradient, 2 threads, ms, im2col /
+        rotated filters / forward filters reused: 8 x 512 x 7 x 7 11.5 / 12.3 / 8.8, 4 x 6.3 / 9.0 /
+        5.1, 2 x 3.3 / 7.2 / 3.2, 1 x 2.1 / 6.3 / 2.3; 8 x 256 x 14 x 14 11.3 / 7.3 / 7.5, 1 x 1.5 /
+        1.6 / 1.0). Measured before the reuse,
         2 threads, in turns (docs/speed.md): at 8 x 512 x 7 x 7 (128 tiles of 2 x 2) the weight
         gradient by F(2x2) took 9.6-12.0 ms against im2col's 13.6-13.7, the input gradient
         12.3-12.4 against 11.7: both by Winograd 25.0-25.5 ms, this rule's mix 22.7-23.4, both by
         im2col 25.1-25.7 (torch 20.2-20.6); at 4 x 512 x 7 x 7 17.4-18.3 / 14.8-15.8 / 14.8-15.4 ms,
         at 2 x 512 x 7 x 7 14.4-14.9 / 9.7-11.4 / 8.1-8.5. Both by Winograd, from 64 channels at
         56 x 56 to 512 at 14 x 14 (batch 8): 0.53-1.07x torch (bench_layers.py)."""
-        tiles = grad_out.shape[0] * -(-grad_out.shape[2] // m) * -(-grad_out.shape[3] // m)
+        tiles = out_shape[0] * -(-out_shape[2] // m) * -(-out_shape[3] // m)
         channels = min(self.in_channels, self.out_channels)
-        return 4 * tiles >= channels, 2 * tiles >= channels
+        return 4 * tiles >= channels, 2 * tiles >= channels or (reused_filters and 8 * tiles >= channels)
+
+    def _reuses_forward_filters(self, out_shape, m):
+        """Whether a training forward pass keeps its transformed filters U for the input gradient:
+        where F(m x m) allows it (kernels.winograd.filter_reversal: m = 2) and _winograd_backward
+        would run the input gradient by Winograd only with them (fewer than half as many tiles as
+        channels, at least an eighth). Elsewhere U is not kept: alpha^2 C O values per layer."""
+        if filter_reversal(m) is None:
+            return False
+        rotated, reused = (self._winograd_backward(out_shape, m, flag)[1] for flag in (False, True))
+        return reused and not rotated
 
     def _winograd_filters_for(self, weight, m):
         """U for weight, kept between calls in evaluation mode: a frozen backbone transforms its
@@ -448,29 +465,37 @@ class Conv2d(Module):
         return cached[2]
 
     def _convolve(self, x, weight, bias, pads, lower, upper):
+        """(y, the transformed filters U that backward reuses, or None)."""
         if self.groups == 1:
             m = self._winograd_tile(x, pads)
             if m is not None:
-                return self.kernels.winograd_conv2d_forward(x, weight, bias, *pads, m, lower, upper,
-                                                            self._winograd_filters_for(weight, m))
-            return self.kernels.conv2d_forward(x, weight, bias, *self._stride, *pads, lower, upper)
+                out_shape = (x.shape[0], self.out_channels, *(n + 2 * p - 2 for n, p in zip(x.shape[2:], pads)))
+                kept = self.training and weight is self.weight.data and self._reuses_forward_filters(out_shape, m)
+                filters = self.kernels.winograd_filters(weight, m) if kept else self._winograd_filters_for(weight, m)
+                y = self.kernels.winograd_conv2d_forward(x, weight, bias, *pads, m, lower, upper, filters)
+                return y, (filters if kept else None)
+            return self.kernels.conv2d_forward(x, weight, bias, *self._stride, *pads, lower, upper), None
         if self._depthwise():
             zeros = np.zeros(self.out_channels, x.dtype) if bias is None else bias
             out_size = [-(-n // s) if self._same else kernels.conv2d_output_size(n, k, s, p) for n, k, s, p in
                         zip(x.shape[2:], self.kernel_size, self._stride, pads)]
             return self.kernels.depthwise_conv2d_forward(x, weight, zeros, *self._stride, *pads, *out_size, lower,
-                                                         upper)
+                                                         upper), None
         return np.concatenate([self.kernels.conv2d_forward(np.ascontiguousarray(x[:, gi]), weight[go],
                                                       None if bias is None else bias[go], *self._stride, *pads)
-                               for gi, go in self._group_slices()], axis=1)
+                               for gi, go in self._group_slices()], axis=1), None
 
     def _backward(self, grad_out, input_grad):
-        x, pads, crop = self._take_saved()
+        x, pads, crop, filters = self._take_saved()
         stride, kernel = self._stride, self.kernel_size
         m = self._winograd_tile(x, pads) if self.groups == 1 else None
-        weight_by_winograd, input_by_winograd = (False, False) if m is None else self._winograd_backward(grad_out, m)
-        if input_by_winograd:  # both gradients from one channels-last copy of dL/dy
-            grad_w, grad_x = self.kernels.winograd_conv2d_backward(grad_out, x, self.weight.data, *pads, m, input_grad)
+        weight_by_winograd, input_by_winograd = ((False, False) if m is None else
+                                                 self._winograd_backward(grad_out.shape, m, filters is not None))
+        input_by_winograd = input_by_winograd and input_grad
+        grad_x = None
+        if weight_by_winograd and input_by_winograd:  # both gradients from one channels-last copy of dL/dy
+            grad_w, grad_x = self.kernels.winograd_conv2d_backward(grad_out, x, self.weight.data, *pads, m,
+                                                                   forward_filters=filters)
         elif weight_by_winograd:
             grad_w = self.kernels.winograd_conv2d_backward_weight(grad_out, x, *pads, m)
         elif self.groups == 1:
@@ -487,7 +512,10 @@ class Conv2d(Module):
             self.bias.accumulate(self.kernels.conv2d_backward_bias(grad_out))
         if not input_grad:
             return None
-        if not input_by_winograd:  # (by Winograd, grad_x came with grad_w)
+        if grad_x is None and input_by_winograd:
+            grad_x = self.kernels.winograd_conv2d_backward_input(grad_out, self.weight.data, *pads, m,
+                                                                 forward_filters=filters)
+        elif grad_x is None:
             grad_x = self._input_gradient(grad_out, *x.shape[2:], pads)
         if crop is not None:  # the gradient of the explicit padding's zeros is dropped
             grad_x = np.ascontiguousarray(grad_x[:, :, crop[0], crop[1]])

@@ -1,6 +1,8 @@
 """Winograd's 3x3 convolution (kernels/winograd.py) against the plain-NumPy reference, torch, and
 finite differences; and Conv2d's choice between it and im2col."""
 
+import functools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -45,6 +47,21 @@ def test_filter_transforms_are_g_w_g_transposed_of_each_filter(m):
     np.testing.assert_allclose(winograd.winograd_filters(weight, m), expected, rtol=1e-13, atol=1e-13)
     rotated = np.einsum("ai,ocij,bj->aboc", g, weight[:, :, ::-1, ::-1], g).reshape(alpha * alpha, 5, 3)
     np.testing.assert_allclose(winograd.winograd_filters(weight, m, rotated=True), rotated, rtol=1e-13, atol=1e-13)
+
+
+def test_filter_reversal_is_a_signed_permutation_of_g_for_f2_only():
+    """Reversing the taps maps F(2, 3)'s G onto its own rows up to sign (points 0, 1, -1, infinity,
+    closed under p -> 1/p), not F(4, 3)'s (2 -> 1/2): checked on G itself, and the 2-D consequence,
+    G J w J G^T = S U S^T, on random filters."""
+    perm, signs = winograd.filter_reversal(2)
+    _, g, _ = winograd.transform_matrices(2)
+    assert sorted(perm) == list(range(4))
+    np.testing.assert_array_equal(g[:, ::-1], signs[:, None] * g[perm])
+    s = signs[:, None] * np.eye(4)[perm]
+    w = np.random.default_rng(0).standard_normal((3, 3))
+    np.testing.assert_allclose(g @ w[::-1, ::-1] @ g.T, s @ (g @ w @ g.T) @ s.T, rtol=1e-14, atol=1e-14)
+    assert winograd.filter_reversal(4) is None
+    assert winograd._reversed_matrices(4, np.float32) is None
 
 
 @settings(max_examples=60, deadline=None)
@@ -112,7 +129,10 @@ def test_gradients_match_the_reference(batch, channels, out_channels, height, wi
     weight = rng.standard_normal((out_channels, channels, 3, 3))
     grad_out = rng.standard_normal((batch, out_channels, height + 2 * pad - 2, width + 2 * pad - 2))
     grad_x, grad_w, _ = reference.conv2d_grads(x, weight, grad_out, (1, 1), (pad, pad))
+    reused = winograd.winograd_conv2d_backward_input(grad_out, weight, pad, pad, m,
+                                                     forward_filters=winograd.winograd_filters(weight, m))
     for got, expected in ((winograd.winograd_conv2d_backward_input(grad_out, weight, pad, pad, m), grad_x),
+                          (reused, grad_x),
                           (winograd.winograd_conv2d_backward_weight(grad_out, x, pad, pad, m), grad_w)):
         np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10 * max(1.0, np.abs(expected).max()))
 
@@ -201,12 +221,13 @@ def test_frozen_layers_transform_their_filters_once_per_weight_version(monkeypat
 
 @pytest.mark.parametrize("batch,channels,expected", [
     (2, 64, {"winograd_conv2d_backward"}),
-    (1, 64, {"winograd_conv2d_backward_weight", "conv2d_backward_input"}),
-    (1, 128, {"conv2d_backward_weight", "conv2d_backward_input"})])
+    (1, 64, {"winograd_conv2d_backward", "forward filters reused"}),
+    (1, 128, {"conv2d_backward_weight", "winograd_conv2d_backward_input", "forward filters reused"}),
+    (1, 256, {"conv2d_backward_weight", "conv2d_backward_input"})])
 def test_each_gradient_follows_its_batch_rule_and_matches_im2col(monkeypatch, batch, channels, expected):
     """7 x 7 outputs, 16 tiles of 2 x 2 per image: the weight gradient by Winograd from a quarter as many
-    tiles as channels, the input gradient from half as many; either way the gradients agree with
-    im2col's within F(2x2)'s float32 error."""
+    tiles as channels, the input gradient from half as many, or from an eighth as many with the forward
+    pass's filters (F(2x2)); either way the gradients agree with im2col's within F(2x2)'s float32 error."""
     rng = np.random.default_rng(batch * channels)
     x = rng.standard_normal((batch, channels, 7, 7)).astype(np.float32)
     grad_out = rng.standard_normal((batch, channels, 7, 7)).astype(np.float32)
@@ -214,10 +235,15 @@ def test_each_gradient_follows_its_batch_rule_and_matches_im2col(monkeypatch, ba
     for algorithm in ("auto", "im2col"):
         conv = nn.Conv2d(channels, channels, 3, padding=1, seed=3, algorithm=algorithm)
         calls = set()
-        for name in ("winograd_conv2d_backward", "winograd_conv2d_backward_weight", "conv2d_backward_weight",
-                     "conv2d_backward_input"):
-            monkeypatch.setattr(kernels, name, lambda *a, _name=name, _f=getattr(kernels, name), **k:
-                                calls.add(_name) or _f(*a, **k))
+        def spy(*a, _name, _f, **k):
+            calls.add(_name)
+            if k.get("forward_filters") is not None:
+                calls.add("forward filters reused")
+            return _f(*a, **k)
+
+        for name in ("winograd_conv2d_backward", "winograd_conv2d_backward_weight", "winograd_conv2d_backward_input",
+                     "conv2d_backward_weight", "conv2d_backward_input"):
+            monkeypatch.setattr(kernels, name, functools.partial(spy, _name=name, _f=getattr(kernels, name)))
         conv(x)
         grad_x = conv.backward(grad_out)
         monkeypatch.undo()
