@@ -135,24 +135,23 @@ def filter_transform(weight, g, rotated, u):
                     taps[i, j, o] = weight[c, o, 2 - i, 2 - j] if rotated else weight[o, c, i, j]
         for a in range(alpha):  # left = G w
             for j in range(3):
-                row = left[a, j]
-                for o in range(row.size):  # a loop: slice assignment compiles to far more code
-                    row[o] = 0.0
+                for o in range(outputs):  # a loop: slice assignment compiles to far more code
+                    left[a, j, o] = 0.0
                 for i in range(3):
                     coefficient = g[a, i]
                     if coefficient != 0.0:
                         for o in range(outputs):
-                            row[o] += coefficient * taps[i, j, o]
+                            left[a, j, o] += coefficient * taps[i, j, o]
         for a in range(alpha):  # (G w) G^T
             for b in range(alpha):
-                out = u[a * alpha + b, c]
-                for o in range(out.size):  # a loop: slice assignment compiles to far more code
-                    out[o] = 0.0
+                point = a * alpha + b
+                for o in range(outputs):
+                    u[point, c, o] = 0.0
                 for j in range(3):
                     coefficient = g[b, j]
                     if coefficient != 0.0:
                         for o in range(outputs):
-                            out[o] += coefficient * left[a, j, o]
+                            u[point, c, o] += coefficient * left[a, j, o]
 
 
 @njit(**JIT_OPTIONS)
@@ -181,9 +180,8 @@ def input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, first, rows_
         tw = job % tiles_w
         for a in range(alpha):  # left = B^T d
             for j in range(size):
-                acc = left[a, j]
-                for o in range(acc.size):  # a loop: slice assignment compiles to far more code
-                    acc[o] = 0.0
+                for c in range(channels):  # a loop: slice assignment compiles to far more code
+                    left[a, j, c] = 0.0
                 w = tw * m - pad_w + j
                 if w < 0 or w >= width:
                     continue
@@ -191,19 +189,18 @@ def input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, first, rows_
                     h = th * m - pad_h + i
                     coefficient = b_t[a, i]
                     if coefficient != 0.0 and 0 <= h < height:
-                        pixel = x_nhwc[n, h, w]
                         for c in range(channels):
-                            acc[c] += coefficient * pixel[c]
+                            left[a, j, c] += coefficient * x_nhwc[n, h, w, c]
         for a in range(alpha):  # (B^T d) B
             for b in range(alpha):
-                out = v[a * alpha + b, row]
-                for o in range(out.size):  # a loop: slice assignment compiles to far more code
-                    out[o] = 0.0
+                point = a * alpha + b
+                for c in range(channels):
+                    v[point, row, c] = 0.0
                 for j in range(size):
                     coefficient = b_t[b, j]
                     if coefficient != 0.0:
                         for c in range(channels):
-                            out[c] += coefficient * left[a, j, c]
+                            v[point, row, c] += coefficient * left[a, j, c]
 
 
 @njit(**JIT_OPTIONS)
@@ -233,18 +230,17 @@ def output_transform(mm, a_t, tiles_h, tiles_w, first, o_first, bias, lower, upp
         tw = job % tiles_w
         for i in range(m):  # left = A^T M
             for b in range(alpha):
-                acc = left[i, b]
-                for o in range(acc.size):  # a loop: slice assignment compiles to far more code
-                    acc[o] = 0.0
+                for o in range(out_channels):  # a loop: slice assignment compiles to far more code
+                    left[i, b, o] = 0.0
                 for a in range(alpha):
                     coefficient = a_t[i, a]
                     if coefficient != 0.0:
-                        points = mm[a * alpha + b, row]
+                        point = a * alpha + b
                         for o in range(out_channels):
-                            acc[o] += coefficient * points[o]
+                            left[i, b, o] += coefficient * mm[point, row, o]
         for i in range(min(m, out_h - th * m)):  # (A^T M) A, inside the output only
             for j in range(min(m, out_w - tw * m)):
-                for o in range(out.size):  # a loop: slice assignment compiles to far more code
+                for o in range(out_channels):
                     out[o] = bias[o_first + o]
                 for b in range(alpha):
                     coefficient = a_t[j, b]
