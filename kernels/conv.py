@@ -22,7 +22,7 @@ from npanomaly import threads
 
 from . import blas, memory
 from ._config import (CONV_MIN_PRODUCT_COLUMNS, GRADIENT_SHARES, IM2COL_BUDGET_BYTES, JIT_OPTIONS, PARALLEL_JIT_OPTIONS,
-                      REDUCTION_JIT_OPTIONS)
+                      SERIAL_REDUCTION_JIT_OPTIONS)
 from .activation import clamp
 from .blas import gemm
 
@@ -356,22 +356,25 @@ def add_channel_bias(y, bias, lower, upper):
             row[p] = clamp(row[p] + bias[o], lower, upper)
 
 
-@njit(**REDUCTION_JIT_OPTIONS)
+@njit(**SERIAL_REDUCTION_JIT_OPTIONS)
 def conv2d_backward_bias(grad_out):
     """Gradient of the loss with respect to the bias.
 
     Shapes: grad_out [N, O, Ho, Wo] -> grad_bias [O].
     Gradient: dL/db[o] = sum over n, oh, ow of dL/dy[n, o, oh, ow] (accumulated in float64).
-    Parallel: over output channels; each iteration owns one element of the result.
+    Serial: a sum that streams its input once at vector speed (8 x 64 x 128 x 128 in ~1 ms, 0.5 in
+    parallel; 8 x 256 x 32 x 32 faster serial, 0.15 against 0.33 ms); as a parallel loop it had cost
+    1.2 s of cold compile per dtype.
     """
     batch, out_channels, out_h, out_w = grad_out.shape
+    planes = np.ascontiguousarray(grad_out).reshape((batch, out_channels, out_h * out_w))
     grad_bias = np.empty(out_channels, dtype=grad_out.dtype)
-    for o in prange(out_channels):
+    for o in range(out_channels):
         total = 0.0
         for n in range(batch):
-            for oh in range(out_h):
-                for ow in range(out_w):
-                    total += grad_out[n, o, oh, ow]
+            plane = planes[n, o]
+            for p in range(plane.size):
+                total += plane[p]
         grad_bias[o] = total
     return grad_bias
 

@@ -3,19 +3,20 @@
 import numpy as np
 from numba import njit, prange
 
-from ._config import PARALLEL_JIT_OPTIONS, REDUCTION_JIT_OPTIONS
+from ._config import JIT_OPTIONS, REDUCTION_JIT_OPTIONS
 
 
-@njit(**PARALLEL_JIT_OPTIONS)
+@njit(**JIT_OPTIONS)
 def all_below(x, bound):
     """True when every |x_i| < bound; NaN never is (so all_below(x, inf) means "all finite").
 
     Shapes: x [...] C-contiguous, bound float -> bool. Unlike np.abs(x).max() it allocates nothing.
-    Parallel: a sum reduction over elements (numba gives each thread its own partial count).
+    Serial: the count vectorises, and the check runs once per call on its inputs (a batch of
+    8 x 3 x 256 x 256 images in 0.17 ms, 0.10 as a parallel loop, which cost 0.9 s of cold compile).
     """
     flat = x.reshape(x.size)
     bad = 0
-    for i in prange(flat.size):
+    for i in range(flat.size):
         if not abs(flat[i]) < bound:
             bad += 1
     return bad == 0
