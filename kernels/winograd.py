@@ -54,7 +54,11 @@ float32 error grows with m (measured in docs/speed.md).
 **Gradients.** The input gradient of a 3 x 3 stride-1 convolution with padding p is the same
 convolution of dL/dy with the filters flipped in both axes and transposed (in and out channels
 swapped), padding 2 - p: each input pixel collects w[o, c, i, j] dL/dy[o, h - i + p, w - j + p]
-(filter_transform reads the filters rotated in place). The weight gradient is Winograd's
+(filter_transform reads the filters rotated in place). For F(2x2) even that transform can be
+skipped: its points 0, 1, -1 and infinity are closed under p -> 1/p, so the rotated filters'
+transform is the forward pass's U with its points permuted and signed (filter_reversal), and a
+training layer that keeps U from its forward pass runs the input gradient on it, with permuted
+transform matrices and each point's product against U's transpose. The weight gradient is Winograd's
 F(3 x 3, m x m) with the tiles of dL/dy as filters (winograd_conv2d_backward_weight), each
 transform point summed over all tiles on one thread. nn.Conv2d runs each gradient this way where
 the batch has enough tiles for it to beat im2col (fewer for the weight gradient than for the

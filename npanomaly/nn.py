@@ -435,8 +435,9 @@ class Conv2d(Module):
         gradient by F(2x2) took 9.6-12.0 ms against im2col's 13.6-13.7, the input gradient
         12.3-12.4 against 11.7: both by Winograd 25.0-25.5 ms, this rule's mix 22.7-23.4, both by
         im2col 25.1-25.7 (torch 20.2-20.6); at 4 x 512 x 7 x 7 17.4-18.3 / 14.8-15.8 / 14.8-15.4 ms,
-        at 2 x 512 x 7 x 7 14.4-14.9 / 9.7-11.4 / 8.1-8.5. Both by Winograd, from 64 channels at
-        56 x 56 to 512 at 14 x 14 (batch 8): 0.53-1.07x torch (bench_layers.py)."""
+        at 2 x 512 x 7 x 7 14.4-14.9 / 9.7-11.4 / 8.1-8.5. With the reuse, both by Winograd: from
+        64 channels at 56 x 56 to 512 at 14 x 14 (batch 8) 0.51-1.18x torch, 8 x 512 x 7 x 7
+        1.18-1.24x (bench_layers.py, docs/speed.md)."""
         tiles = out_shape[0] * -(-out_shape[2] // m) * -(-out_shape[3] // m)
         channels = min(self.in_channels, self.out_channels)
         return 4 * tiles >= channels, 2 * tiles >= channels or (reused_filters and 8 * tiles >= channels)
