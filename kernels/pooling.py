@@ -25,6 +25,13 @@ def pool2d_output_size(in_size, kernel, stride, pad):
 
 
 @njit(**JIT_OPTIONS)
+def _window(out_index, kernel, stride, pad, size):
+    """(first, stop): the in-image rows (or columns) of window out_index along one axis."""
+    start = out_index * stride - pad
+    return max(start, 0), min(start + kernel, size)
+
+
+@njit(**JIT_OPTIONS)
 def _max_forward_plane(x, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, y, argmax):
     """Largest value of each window; padding never wins (it counts as -inf).
 
@@ -35,11 +42,9 @@ def _max_forward_plane(x, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, 
     height, width = x.shape
     out_h, out_w = y.shape
     for oh in range(out_h):
-        h0 = max(oh * stride_h - pad_h, 0)
-        h1 = min(oh * stride_h - pad_h + kernel_h, height)
+        h0, h1 = _window(oh, kernel_h, stride_h, pad_h, height)
         for ow in range(out_w):
-            w0 = max(ow * stride_w - pad_w, 0)
-            w1 = min(ow * stride_w - pad_w + kernel_w, width)
+            w0, w1 = _window(ow, kernel_w, stride_w, pad_w, width)
             best = x[h0, w0]
             best_index = h0 * width + w0
             for ih in range(h0, h1):
@@ -81,11 +86,9 @@ def _avg_forward_plane(x, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, 
     height, width = x.shape
     out_h, out_w = y.shape
     for oh in range(out_h):
-        h0 = max(oh * stride_h - pad_h, 0)
-        h1 = min(oh * stride_h - pad_h + kernel_h, height)
+        h0, h1 = _window(oh, kernel_h, stride_h, pad_h, height)
         for ow in range(out_w):
-            w0 = max(ow * stride_w - pad_w, 0)
-            w1 = min(ow * stride_w - pad_w + kernel_w, width)
+            w0, w1 = _window(ow, kernel_w, stride_w, pad_w, width)
             total = 0.0
             for ih in range(h0, h1):
                 for iw in range(w0, w1):
@@ -107,11 +110,9 @@ def _avg_backward_plane(grad_out, kernel_h, kernel_w, stride_h, stride_w, pad_h,
         for iw in range(in_w):
             grad_x[ih, iw] = 0.0
     for oh in range(grad_out.shape[0]):
-        h0 = max(oh * stride_h - pad_h, 0)
-        h1 = min(oh * stride_h - pad_h + kernel_h, in_h)
+        h0, h1 = _window(oh, kernel_h, stride_h, pad_h, in_h)
         for ow in range(grad_out.shape[1]):
-            w0 = max(ow * stride_w - pad_w, 0)
-            w1 = min(ow * stride_w - pad_w + kernel_w, in_w)
+            w0, w1 = _window(ow, kernel_w, stride_w, pad_w, in_w)
             divisor = kernel_h * kernel_w if count_include_pad else (h1 - h0) * (w1 - w0)
             share = grad_out[oh, ow] / divisor
             for ih in range(h0, h1):
