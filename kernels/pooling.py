@@ -175,6 +175,8 @@ def max_pool2d_backward_input(grad_out, argmax, in_h, in_w):
     """dL/dx [N, C, in_h, in_w] of max pooling from dL/dy and the forward pass's argmax
     (_max_backward_plane)."""
     grad_out, argmax = np.ascontiguousarray(grad_out), np.ascontiguousarray(argmax, np.int64)
+    if argmax.shape != grad_out.shape or grad_out.ndim != 4:
+        raise ValueError(f"argmax must have grad_out's shape [N, C, Ho, Wo] {grad_out.shape}, got {argmax.shape}")
     grad_x = np.empty((*grad_out.shape[:2], in_h, in_w), grad_out.dtype)
     return _run(MAX_BACKWARD, grad_out, argmax, grad_x)
 

@@ -234,6 +234,25 @@ def test_avg_pool_matches_reference_and_its_adjoint(dtype, case, seed, count_inc
     assert abs(lhs - rhs) <= (1e-4 if dtype == np.float32 else 1e-10) * max(1.0, abs(lhs))
 
 
+def test_pooling_takes_strided_views_as_their_copies():
+    """The pooling functions run every layout through one kernel (pool2d_planes, C-contiguous
+    arrays): a transposed view and a channel slice give the results of their contiguous copies."""
+    x = random_array(3, (2, 5, 9, 7), np.float32).transpose(0, 1, 3, 2)[:, ::2]
+    dense = np.ascontiguousarray(x)
+    for pool in (lambda a: K.max_pool2d_forward(a, 3, 2, 2, 1, 1, 0),
+                 lambda a: K.avg_pool2d_forward(a, 3, 3, 2, 2, 1, 1, False)):
+        for got, expected in zip(np.atleast_1d(pool(x)), np.atleast_1d(pool(dense))):
+            np.testing.assert_array_equal(got, expected)
+    y, argmax = K.max_pool2d_forward(dense, 2, 2, 2, 2, 0, 0)  # [2, 3, 3, 4]
+    grad_out = random_array(4, (4, 3, 2, 3), np.float32).transpose(1, 0, 3, 2)[:2]  # [2, 4, 3, 2], a view
+    grad_out, argmax = grad_out[:, :3], argmax[..., :2]  # both [2, 3, 3, 2], strided
+    np.testing.assert_array_equal(K.max_pool2d_backward_input(grad_out, argmax, 7, 9),
+                                  K.max_pool2d_backward_input(np.ascontiguousarray(grad_out),
+                                                              np.ascontiguousarray(argmax), 7, 9))
+    with pytest.raises(ValueError, match="argmax"):
+        K.max_pool2d_backward_input(grad_out, argmax[:, :2], 7, 9)
+
+
 def test_patchcore_neighbourhood_average_counts_padding():
     """3x3/stride 1/pad 1 with count_include_pad: a corner of a constant map is 4/9 of the constant."""
     x = np.ones((1, 1, 4, 5))
