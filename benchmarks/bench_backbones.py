@@ -57,7 +57,7 @@ def main():
     for name, twin, stages in cases:
         tb.randomise(twin, seed=0)
         ours = backbones.build(name, twin.state_dict())
-        ours.net.eval()
+        ours.net.eval().requires_grad_(False)  # frozen, as PatchCore and the Student-Teacher teacher run it
         prepared = torch.from_numpy(ours.prepare(images))
         for stage in stages:
             def torch_run():

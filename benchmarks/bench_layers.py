@@ -29,6 +29,8 @@ def parse_args():
     parser.add_argument("--quick", action="store_true", help="batch 2 instead of 8 (a smoke run)")
     parser.add_argument("--no-compile", action="store_true", help="skip the compile-time measurement")
     parser.add_argument("--compile-only", action="store_true", help="only the compile-time measurement")
+    parser.add_argument("--only", metavar="TEXT", help="only the convolution rows whose name contains TEXT "
+                        "(e.g. 'resnet18 layer4'), and none of the other tables")
     return parser.parse_args()
 
 
@@ -139,6 +141,8 @@ def main():
         ("resnet18 layer3 256->256 k3 @14", 256, 256, 3, 1, 1, 14),
         ("resnet18 layer4 512->512 k3 @7", 512, 512, 3, 1, 1, 7),
     ]
+    if ARGS.only:
+        convs = [conv for conv in convs if ARGS.only in conv[0]]
     for name, cin, cout, k, s, p, size in convs:
         x = rng.standard_normal((batch, cin, size, size), dtype=np.float32)
         w = (rng.standard_normal((cout, cin, k, k), dtype=np.float32) / np.sqrt(cin * k * k)).astype(np.float32)
@@ -179,6 +183,7 @@ def main():
         if k == 3 and s == 1:  # what Conv2d(algorithm="auto") runs here: Winograd F(m x m, 3 x 3)
             layer = nn.Conv2d(cin, cout, 3, padding=p).eval()
             layer.weight.data, layer.bias.data = w, b
+            layer.requires_grad_(False)  # frozen, as a backbone under PatchCore: its filters are known by identity
             m = layer._winograd_tile(x, (p, p)) or 4  # (or 4: the tile size where auto runs im2col)
             tiles = batch * (-(-(size + 2 * p - 2) // m)) ** 2
             winograd_floor = winograd_products((m + 2) ** 2, tiles, cin, cout, np.random.default_rng(1))
@@ -216,6 +221,8 @@ def main():
             continue
         compare(f"conv fwd  {name}", lambda: K.conv2d_forward(x, w, b, s, s, p, p), torch_forward, forward_floor)
         compare(f"conv bwd  {name}", our_backward, torch_backward, backward_floor)
+    if ARGS.only:
+        return
 
     winograd_errors()
 

@@ -219,6 +219,64 @@ def test_frozen_layers_transform_their_filters_once_per_weight_version(monkeypat
     assert len(transforms) == 2  # training transforms inside the kernel call, every step, and caches nothing
 
 
+def test_frozen_weights_are_known_by_identity_and_unfrozen_ones_by_value(monkeypatch):
+    """An unfrozen evaluation layer compares its weight with the one its filters came from on every
+    call, so an in-place change is seen; a frozen one's weight cannot change in place (read-only),
+    so its filters are reused without the comparison, and a new array assigned is seen. A frozen
+    Conv2d + BatchNorm2d folds once; a change of the batch norm's statistics folds again."""
+    compared = []
+    original_equal = np.array_equal
+    monkeypatch.setattr(np, "array_equal", lambda a, b, *r: compared.append(np.shape(a)) or original_equal(a, b, *r))
+    transforms = []
+    original = kernels.winograd_filters
+    monkeypatch.setattr(kernels, "winograd_filters", lambda weight, *a: transforms.append(1) or original(weight, *a))
+    rng = np.random.default_rng(0)
+    x = rng.random((2, 16, 12, 12), dtype=np.float32)
+    conv = nn.Conv2d(16, 16, 3, padding=1, seed=0, algorithm="winograd").eval()
+    reference = nn.Conv2d(16, 16, 3, padding=1, seed=0, algorithm="im2col").eval()
+    conv(x)
+    conv.weight.data[0] *= -1  # unfrozen: in place, seen by value
+    reference.weight.data[0] *= -1
+    np.testing.assert_allclose(conv(x), reference(x), rtol=1e-5, atol=1e-5)
+    assert len(transforms) == 2 and (16, 16, 3, 3) in compared
+
+    given = conv.weight.data
+    conv.requires_grad_(False)
+    assert not conv.weight.data.flags.writeable and given.flags.writeable  # a read-only copy; the array given is untouched
+    np.testing.assert_array_equal(conv.weight.data, given)
+    with pytest.raises(ValueError, match="read-only"):
+        conv.weight.data[0] = 0.0
+    compared.clear()
+    first = conv(x)  # same values, now frozen: no new transform
+    np.testing.assert_array_equal(conv(x), first)
+    assert len(transforms) == 2 and (16, 16, 3, 3) not in compared[1:]
+    conv.weight.data = given * 2  # a new array is a new version
+    reference.weight.data = given * 2
+    np.testing.assert_allclose(conv(x), reference(x), rtol=1e-5, atol=1e-5)
+    assert len(transforms) == 3
+    conv.requires_grad_(True)
+    assert conv.weight.data.flags.writeable
+
+    # 2,304 weights, 2,304 outputs per image: a frozen net folds its batch norm (once), an unfrozen one does not
+    net = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, seed=1, algorithm="winograd"), nn.BatchNorm2d(16)).eval()
+    twin = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, seed=1, algorithm="winograd"), nn.BatchNorm2d(16)).eval()
+    net.requires_grad_(False)
+    for bn in (net[1], twin[1]):
+        bn.running_mean = np.linspace(-1, 1, 16).astype(np.float32)
+    transforms.clear()
+    compared.clear()
+    np.testing.assert_allclose(net(x), twin(x), rtol=1e-5, atol=1e-5)
+    folded = net[1]._folded[2]
+    np.testing.assert_allclose(net(x), twin(x), rtol=1e-5, atol=1e-5)
+    assert net[1]._folded[2] is folded and net[0]._winograd_filters[0] is folded  # folded once, known by identity
+    assert len(transforms) == 2  # once each
+    assert compared.count((16, 16, 3, 3)) == 1  # the twin's second call compares its weight by value
+    for bn in (net[1], twin[1]):
+        bn.running_var = np.full(16, 4.0, np.float32)
+    np.testing.assert_allclose(net(x), twin(x), rtol=1e-5, atol=1e-5)
+    assert net[1]._folded[2] is not folded and len(transforms) == 3  # folded again, a new version
+
+
 @pytest.mark.parametrize("batch,channels,expected", [
     (2, 64, {"winograd_conv2d_backward"}),
     (1, 64, {"winograd_conv2d_backward", "forward filters reused"}),
