@@ -86,14 +86,14 @@ def floors(backbone, images, stage):
     recorded, winograd = [], []
     real, real_winograd = kernels.conv2d_forward, kernels.winograd_conv2d_forward
 
-    def recording(x, weight, bias, stride_h, stride_w, pad_h, pad_w, *fused_relu):
+    def recording(x, weight, bias, stride_h, stride_w, pad_h, pad_w, *fused_relu, **residual):
         recorded.append((x.copy(), weight.shape, stride_h, stride_w, pad_h, pad_w))
-        return real(x, weight, bias, stride_h, stride_w, pad_h, pad_w, *fused_relu)
+        return real(x, weight, bias, stride_h, stride_w, pad_h, pad_w, *fused_relu, **residual)
 
-    def recording_winograd(x, weight, bias, pad_h, pad_w, m=4, *rest):
+    def recording_winograd(x, weight, bias, pad_h, pad_w, m=4, *rest, **residual):
         tiles = x.shape[0] * (-(-(x.shape[2] + 2 * pad_h - 2) // m)) * (-(-(x.shape[3] + 2 * pad_w - 2) // m))
         winograd.append(((m + 2) ** 2, tiles, weight.shape[1], weight.shape[0]))
-        return real_winograd(x, weight, bias, pad_h, pad_w, m, *rest)
+        return real_winograd(x, weight, bias, pad_h, pad_w, m, *rest, **residual)
 
     kernels.conv2d_forward, kernels.winograd_conv2d_forward = recording, recording_winograd
     try:

@@ -187,12 +187,13 @@ def _group_scratch(rows, out_channels, group, positions, pointwise, height, widt
 
 @njit(**PARALLEL_JIT_OPTIONS)
 def conv2d_forward_images(x, w2, bias, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, pointwise,
-                          shares, lower, upper, y):
-    """y[n] = clamp(W2 @ im2col(x[n]) + bias) image by image: the image's columns (none for a 1x1
-    stride-1 unpadded convolution, whose image is its column matrix), one gemm on this thread,
-    then the bias and a fused ReLU while y[n] is in cache.
+                          shares, residual, lower, upper, y):
+    """y[n] = clamp(W2 @ im2col(x[n]) + bias + residual[n]) image by image: the image's columns
+    (none for a 1x1 stride-1 unpadded convolution, whose image is its column matrix), one gemm on
+    this thread, then the bias, a residual network's shortcut and a fused ReLU while y[n] is in cache.
 
-    Shapes: x [N, C, H, W], w2 [O, C*kh*kw], bias [O] -> y [N, O, out_h*out_w] (in place).
+    Shapes: x [N, C, H, W], w2 [O, C*kh*kw], bias [O], residual [N, O, out_h*out_w] or [0, 0, 0]
+    (none) -> y [N, O, out_h*out_w] (in place).
     Parallel: over ``shares`` contiguous shares of the images, one per thread, each image start to
     end on one thread. One gemm per image, never several images side by side as the backward pass
     does: BLAS may round an output column differently in a wider product, and an image's output
@@ -217,8 +218,13 @@ def conv2d_forward_images(x, w2, bias, kernel_h, kernel_w, stride_h, stride_w, p
             gemm(w2, cols, y[n], np.bool_(False), np.float64(0.0), np.bool_(False))
             for o in range(out_channels):
                 row = y[n, o]
-                for p in range(positions):
-                    row[p] = clamp(row[p] + bias[o], lower, upper)
+                if residual.shape[0] == 0:
+                    for p in range(positions):
+                        row[p] = clamp(row[p] + bias[o], lower, upper)
+                else:
+                    shortcut = residual[n, o]
+                    for p in range(positions):
+                        row[p] = clamp(row[p] + bias[o] + shortcut[p], lower, upper)
 
 
 @njit(**JIT_OPTIONS)
@@ -445,14 +451,17 @@ def _by_image(x, rows, positions, shares):
             and shares * rows * group * positions * x.itemsize <= IM2COL_BUDGET_BYTES)
 
 
-def conv2d_forward(x, weight, bias, stride_h, stride_w, pad_h, pad_w, lower=-np.inf, upper=np.inf):
+def conv2d_forward(x, weight, bias, stride_h, stride_w, pad_h, pad_w, lower=-np.inf, upper=np.inf, residual=None):
     """Cross-correlate a batch with a filter bank, as torch.nn.functional.conv2d, optionally then a ReLU.
 
-    Shapes: x [N, C, H, W], weight [O, C, kh, kw], bias [O] or None -> y [N, O, Ho, Wo].
+    Shapes: x [N, C, H, W], weight [O, C, kh, kw], bias [O] or None, residual [N, O, Ho, Wo] or
+    None -> y [N, O, Ho, Wo].
     Math: y[n, o, oh, ow] = bias[o] + sum_{c,i,j} weight[o, c, i, j] * x[n, c, oh*sh - ph + i, ow*sw - pw + j]
           (x taken as 0 outside the image), computed per image as W2 @ im2col(x[n]); then clamped
           as add_channel_bias does: (lower, upper) = (0, inf) fuses a following ReLU into the
-          bias pass, which saves the ReLU's own read and write of the output.
+          bias pass, which saves the ReLU's own read and write of the output. ``residual`` is
+          added before the clamp, (conv + bias) + residual: a residual block's shortcut and its
+          ReLU in the same pass, bit-identical to the separate sum and ReLU.
     Parallel: im2col over (image, row); the GEMM inside BLAS; the bias over (image, channel).
     """
     batch, channels, height, width = x.shape
@@ -467,15 +476,32 @@ def conv2d_forward(x, weight, bias, stride_h, stride_w, pad_h, pad_w, lower=-np.
         w2 = np.ascontiguousarray(w2)
         zeros = np.zeros(out_channels, y.dtype) if bias is None else bias
         pointwise = _is_pointwise(kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w)
+        shortcut = _residual_rows(residual, y, (batch, out_channels, out_h, out_w))
         with threads.single_threaded_blas():
             conv2d_forward_images(np.ascontiguousarray(x), w2, zeros, kernel_h, kernel_w, stride_h, stride_w, pad_h,
-                                  pad_w, out_h, out_w, pointwise, shares, lower, upper, y)
+                                  pad_w, out_h, out_w, pointwise, shares, shortcut, lower, upper, y)
         return y.reshape(batch, out_channels, out_h, out_w)
     for start, stop, cols in _unfolded_chunks(x, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w):
         np.matmul(w2, cols, out=y[start:stop])
+    zeros = np.zeros(out_channels, y.dtype)
+    if residual is not None:  # (conv + bias) + residual, then the clamp (a bias of zeros adds nothing)
+        add_channel_bias(y, zeros if bias is None else bias, -np.inf, np.inf)
+        y += _residual_rows(residual, y, (batch, out_channels, out_h, out_w))
+        bias = None
     if bias is not None or lower > -np.inf or upper < np.inf:
-        add_channel_bias(y, np.zeros(out_channels, y.dtype) if bias is None else bias, lower, upper)
+        add_channel_bias(y, zeros if bias is None else bias, lower, upper)
     return y.reshape(batch, out_channels, out_h, out_w)
+
+
+def _residual_rows(residual, y, out_shape):
+    """residual [N, O, Ho, Wo] (out_shape) as y's [N, O, Ho*Wo] rows, C-contiguous, or an empty
+    [0, 0, 0] for none: the kernels take one array type either way, so a residual compiles nothing new."""
+    if residual is None:
+        return np.empty((0, 0, 0), y.dtype)
+    if not isinstance(residual, np.ndarray) or residual.dtype != y.dtype or residual.shape != tuple(out_shape):
+        raise ValueError(f"residual must be a {y.dtype} array of the output's shape {tuple(out_shape)}, got "
+                         f"{getattr(residual, 'dtype', type(residual).__name__)} {np.shape(residual)}")
+    return np.ascontiguousarray(residual).reshape(y.shape)
 
 
 def conv2d_backward_input(grad_out, weight, in_h, in_w, stride_h, stride_w, pad_h, pad_w):

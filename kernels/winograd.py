@@ -208,14 +208,15 @@ def input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, first, rows_
 
 
 @njit(**JIT_OPTIONS)
-def output_transform(mm, a_t, tiles_h, tiles_w, first, o_first, bias, lower, upper, y):
-    """y[n, o_first + o, th*m + i, tw*m + j] = clamp((A^T M A)[i, j] + bias[o_first + o]) for the
-    points M[:, row, o] of tile job = first + row (numbered as in input_transform), dropping the
-    positions of the last tiles that fall outside the output.
+def output_transform(mm, a_t, tiles_h, tiles_w, first, o_first, bias, residual, lower, upper, y):
+    """y[n, o_first + o, th*m + i, tw*m + j] = clamp((A^T M A)[i, j] + bias[o_first + o] (+ the
+    same element of residual)) for the points M[:, row, o] of tile job = first + row (numbered as
+    in input_transform), dropping the positions of the last tiles that fall outside the output.
 
     Shapes: mm [alpha^2, rows, O'] (one block of consecutive tiles, output channels o_first to
-    o_first + O'), a_t [m, alpha], bias [O] -> y [N, O, Ho, Wo] (written in place, at this block's
-    tiles and channels only). The sums run along the
+    o_first + O'), a_t [m, alpha], bias [O], residual [N, O, Ho, Wo] or [0, 0, 0, 0] (none: a
+    residual block's shortcut, added before the clamp) -> y [N, O, Ho, Wo] (written in place, at
+    this block's tiles and channels only). The sums run along the
     output channels (contiguous in M, vectorised) into a buffer, from which each output pixel's
     channels are stored (as fast as a channels-last output and a copy back, measured, and one kernel
     less to compile). Math: clamp as add_channel_bias: (lower, upper) = (0, inf) is a fused ReLU.
@@ -251,8 +252,13 @@ def output_transform(mm, a_t, tiles_h, tiles_w, first, o_first, bias, lower, upp
                     if coefficient != 0.0:
                         for o in range(out_channels):
                             out[o] += coefficient * left[i, b, o]
-                for o in range(out_channels):
-                    y[n, o_first + o, th * m + i, tw * m + j] = clamp(out[o], lower, upper)
+                h, w = th * m + i, tw * m + j
+                if residual.shape[0] == 0:
+                    for o in range(out_channels):
+                        y[n, o_first + o, h, w] = clamp(out[o], lower, upper)
+                else:
+                    for o in range(out_channels):
+                        y[n, o_first + o, h, w] = clamp(out[o] + residual[n, o_first + o, h, w], lower, upper)
 
 
 @njit(**PARALLEL_JIT_OPTIONS)
@@ -302,14 +308,15 @@ def _block_views(buffers, alpha2, rows, channels, out_channels):
 
 @njit(**PARALLEL_JIT_OPTIONS)
 def forward_blocks(x_nhwc, b_t, a_t, u, transposed, m, pad_h, pad_w, tiles_h, tiles_w, block_rows, tile_shares,
-                   channel_shares, bias, lower, upper, y):
+                   channel_shares, bias, residual, lower, upper, y):
     """The Winograd forward pass of every tile, block by block: for each block of at most
     block_rows consecutive tiles, V = input_transform, M[xi] = V[xi] @ U[xi] for each of the
     alpha^2 points (gemm, on this thread), then output_transform into y.
 
     Shapes: x_nhwc [N, H, W, C], u [alpha^2, C, O] (or, when transposed, [alpha^2, O, C], each
     point's matrix read as its transpose: the forward pass's filters reused by the input gradient,
-    winograd_conv2d_backward_input), bias [O] -> y [N, O, Ho, Wo] (in place).
+    winograd_conv2d_backward_input), bias [O], residual [N, O, Ho, Wo] or [0, 0, 0, 0] (none; see
+    output_transform) -> y [N, O, Ho, Wo] (in place).
     Parallel: over tile_shares x channel_shares shares, one per thread: contiguous shares of the
     N*T tiles, and for each, contiguous shares of the O output channels (the products'
     columns, U[xi][:, lo:hi]). Each share's blocks run start to end on its thread, so a block's V
@@ -332,7 +339,7 @@ def forward_blocks(x_nhwc, b_t, a_t, u, transposed, m, pad_h, pad_w, tiles_h, ti
             for xi in range(alpha2):
                 filters = u[xi][o_first:o_stop] if transposed else u[xi][:, o_first:o_stop]
                 gemm(v[xi], filters, mm[xi], np.bool_(False), np.float64(0.0), transposed)
-            output_transform(mm, a_t, tiles_h, tiles_w, start, o_first, bias, lower, upper, y)
+            output_transform(mm, a_t, tiles_h, tiles_w, start, o_first, bias, residual, lower, upper, y)
 
 
 @njit(**PARALLEL_JIT_OPTIONS)
@@ -455,7 +462,7 @@ def winograd_filters(weight, m=4, rotated=False):
 
 
 def winograd_conv2d_forward(x, weight, bias, pad_h, pad_w, m=4, lower=-np.inf, upper=np.inf, filters=None,
-                            x_nhwc=None, _reversed=False):
+                            x_nhwc=None, _reversed=False, residual=None):
     """A 3x3 stride-1 convolution (as conv2d_forward) by Winograd's F(m x m, 3 x 3), m = 2 or 4.
 
     Shapes: x [N, C, H, W], weight [O, C, 3, 3] (unread, and may be None, when ``filters`` are given),
@@ -471,6 +478,7 @@ def winograd_conv2d_forward(x, weight, bias, pad_h, pad_w, m=4, lower=-np.inf, u
     ``x_nhwc``: x's channels-last copy where the caller has made one already (winograd_conv2d_backward).
     ``_reversed``: ``filters`` are the forward pass's U [alpha^2, O, C] of the convolution whose input
     gradient this is (winograd_conv2d_backward_input).
+    ``residual`` [N, O, Ho, Wo]: added before the clamp, (conv + bias) + residual, as conv2d_forward's.
     """
     x = np.ascontiguousarray(x)  # one layout for the kernels: each other one would compile them again
     batch, channels, height, width = x.shape
@@ -491,9 +499,16 @@ def winograd_conv2d_forward(x, weight, bias, pad_h, pad_w, m=4, lower=-np.inf, u
     block_rows = _block_rows(alpha, channels + out_channels // channel_shares, x.itemsize,
                              _config.WINOGRAD_BLOCK_BYTES)
     block_rows = min(block_rows, -(-jobs // tile_shares))
+    if residual is None:
+        shortcut = np.empty((0, 0, 0, 0), x.dtype)
+    elif isinstance(residual, np.ndarray) and residual.dtype == x.dtype and residual.shape == y.shape:
+        shortcut = np.ascontiguousarray(residual)
+    else:
+        raise ValueError(f"residual must be a {x.dtype} array of the output's shape {y.shape}, got "
+                         f"{getattr(residual, 'dtype', type(residual).__name__)} {np.shape(residual)}")
     with threads.single_threaded_blas():
         forward_blocks(x_nhwc, b_t, a_t, u, _reversed, m, pad_h, pad_w, tiles_h, tiles_w, block_rows, tile_shares,
-                       channel_shares, zeros, lower, upper, y)
+                       channel_shares, zeros, shortcut, lower, upper, y)
     return y
 
 

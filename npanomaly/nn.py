@@ -405,11 +405,13 @@ class Conv2d(Module):
         total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
         return total // 2, total - total // 2
 
-    def _forward(self, x, weight=None, bias=None, lower=-np.inf, upper=np.inf):
+    def _forward(self, x, weight=None, bias=None, lower=-np.inf, upper=np.inf, residual=None):
         """The convolution; weight and bias replace the layer's own when given (a folded batch norm).
 
         (lower, upper) = (0, upper) fuses a following ReLU into the output pass (evaluation mode
         only, for dense and depthwise convolutions: Sequential decides, see _fused_activation).
+        ``residual``: an array of the output's shape added before that clamp, a residual block's
+        shortcut (only where _takes_residual).
         """
         height, width = x.shape[2:]
         pads, crop = self._padding, None
@@ -424,7 +426,7 @@ class Conv2d(Module):
                 pads, crop = (0, 0), (slice(top, top + height), slice(left, left + width))
         if weight is None:
             weight, bias = self.weight.data, (None if self.bias is None else self.bias.data)
-        y, filters = self._convolve(x, weight, bias, pads, lower, upper)
+        y, filters = self._convolve(x, weight, bias, pads, lower, upper, residual)
         self._save(y, x, pads, crop, filters)
         return y
 
@@ -438,6 +440,12 @@ class Conv2d(Module):
     def _takes_activation(self):
         """Whether _forward can fuse a ReLU (the dense and depthwise kernels can; grouped ones are concatenated)."""
         return self.groups == 1 or self._depthwise()
+
+    def _takes_residual(self):
+        """Whether _forward can add a residual block's shortcut in its output pass: dense
+        convolutions on the CPU kernels, in evaluation mode (training keeps the sum for the ReLU's
+        backward pass)."""
+        return self.groups == 1 and not self.training and self.kernels is kernels
 
     def _winograd_shape(self):
         return (self.kernel_size == (3, 3) and self._stride == (1, 1) and self.groups == 1
@@ -521,17 +529,20 @@ class Conv2d(Module):
         self._winograd_filters = cached
         return cached[2]
 
-    def _convolve(self, x, weight, bias, pads, lower, upper):
+    def _convolve(self, x, weight, bias, pads, lower, upper, residual=None):
         """(y, the transformed filters U that backward reuses, or None)."""
+        if residual is not None and not self._takes_residual():
+            raise ValueError("a residual can only be added by a dense convolution in evaluation mode on the CPU")
+        extra = {} if residual is None else {"residual": residual}
         if self.groups == 1:
             m = self._winograd_tile(x, pads)
             if m is not None:
                 out_shape = (x.shape[0], self.out_channels, *(n + 2 * p - 2 for n, p in zip(x.shape[2:], pads)))
                 kept = self.training and weight is self.weight.data and self._reuses_forward_filters(out_shape, m)
                 filters = self.kernels.winograd_filters(weight, m) if kept else self._winograd_filters_for(weight, m)
-                y = self.kernels.winograd_conv2d_forward(x, weight, bias, *pads, m, lower, upper, filters)
+                y = self.kernels.winograd_conv2d_forward(x, weight, bias, *pads, m, lower, upper, filters, **extra)
                 return y, (filters if kept else None)
-            return self.kernels.conv2d_forward(x, weight, bias, *self._stride, *pads, lower, upper), None
+            return self.kernels.conv2d_forward(x, weight, bias, *self._stride, *pads, lower, upper, **extra), None
         if self._depthwise():
             zeros = np.zeros(self.out_channels, x.dtype) if bias is None else bias
             out_size = [-(-n // s) if self._same else kernels.conv2d_output_size(n, k, s, p) for n, k, s, p in
@@ -903,8 +914,12 @@ class Sequential(Module):
                 out[start:start + step] = piece
         return outputs
 
-    def _run(self, x, stop, wanted):
+    def _run(self, x, stop, wanted, residual=None):
         """Apply layers [0, stop) to x; return (the last output, [outputs of the layers in wanted]).
+        With a ``residual`` (a residual block's shortcut), the last output is relu(that + residual),
+        computed in the last convolution's output pass where it can take it (Conv2d._takes_residual,
+        with or without a batch norm folded in), which saves a read of both and a write, and an
+        allocation, per block; else as the block did it, a sum and a ReLU after.
 
         A Conv2d followed by a BatchNorm2d, both in eval mode, runs as one convolution with the
         batch norm folded into its weights (BatchNorm2d.folded_into), unless the convolution's own
@@ -924,7 +939,11 @@ class Sequential(Module):
                 folded = following.folded_into(layer)
                 index += 1  # the batch norm runs inside the convolution
             activation = self._fused_activation(layer, index, stop, wanted)
-            if activation is None:
+            if (residual is not None and index == stop - 1 and index not in wanted and isinstance(layer, Conv2d)
+                    and layer._takes_residual()):
+                x = layer._forward(x, *folded, lower=0.0, upper=np.inf, residual=residual)
+                residual = None
+            elif activation is None:
                 x = layer._forward(x, *folded)
             else:
                 x = layer._forward(x, *folded, lower=0.0, upper=activation.upper)
@@ -933,6 +952,8 @@ class Sequential(Module):
             if index in wanted:
                 outputs.append(x)
             index += 1
+        if residual is not None:
+            x = self.kernels.relu_forward(x + residual)
         return x, outputs
 
     def _fused_activation(self, layer, index, stop, wanted):
@@ -1015,6 +1036,8 @@ class ResidualBlock(Module):
 
     def _forward(self, x):
         shortcut = x if self.downsample is None else self.downsample._forward(self.downsample._check_input(x))
+        if not self.training:  # the sum and the ReLU in the body's last convolution where it can (Sequential._run)
+            return self.body._run(x, len(self.body.layers), (), residual=shortcut)[0]
         total = self.body._forward(x) + shortcut
         y = self.kernels.relu_forward(total)
         self._save(y, y)

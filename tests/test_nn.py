@@ -319,3 +319,71 @@ def test_eval_networks_run_a_few_images_at_a_time_with_bit_identical_results(mon
     net.train()
     net(x)
     assert [size for owner, size in runs if owner is net] == [7]
+
+
+def _trained_bn(channels, rng):
+    bn = nn.BatchNorm2d(channels)
+    bn.weight.data = rng.uniform(0.5, 1.5, channels).astype(np.float32)
+    bn.bias.data = rng.uniform(-0.5, 0.5, channels).astype(np.float32)
+    bn.running_mean = rng.uniform(-0.5, 0.5, channels).astype(np.float32)
+    bn.running_var = rng.uniform(0.5, 2.0, channels).astype(np.float32)
+    return bn
+
+
+@pytest.mark.parametrize("algorithm", ["im2col", "winograd"])
+@pytest.mark.parametrize("frozen", [False, True])
+@pytest.mark.parametrize("downsample", [False, True])
+def test_eval_residual_blocks_add_the_shortcut_in_the_last_convolution_bit_identically(
+        monkeypatch, algorithm, frozen, downsample):
+    """relu(body(x) + shortcut(x)) in evaluation mode: where the body's last layer is a convolution
+    (a frozen one folds its batch norm in; at 16 x 16 x 3 x 3 weights and 16 x 12 x 12 outputs an
+    unfrozen one does not, and ends in the batch norm) the sum and the ReLU run in its output pass,
+    and the result is the two-step block's, bit for bit."""
+    from npanomaly import kernels
+    rng = np.random.default_rng(int(frozen) + 2 * int(downsample))
+    width = 24 if downsample else 16
+    body = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, seed=1, algorithm=algorithm), _trained_bn(16, rng), nn.ReLU(),
+                         nn.Conv2d(16, width, 3, padding=1, seed=2, algorithm=algorithm), _trained_bn(width, rng))
+    shortcut = nn.Sequential(nn.Conv2d(16, width, 1, seed=3), _trained_bn(width, rng)) if downsample else None
+    block = nn.ResidualBlock(body, shortcut).eval()
+    if frozen:
+        block.requires_grad_(False)
+    x = rng.standard_normal((3, 16, 12, 12)).astype(np.float32)
+    expected = np.maximum(body._forward(x) + (x if shortcut is None else shortcut._forward(x)), 0.0)
+    sums = []
+    original = kernels.relu_forward
+    monkeypatch.setattr(kernels, "relu_forward", lambda total: sums.append(1) or original(total))
+    np.testing.assert_array_equal(block._forward(x), expected)
+    assert len(sums) == (0 if frozen else 1)  # fused where the convolution is last
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (3, 2, 1), (1, 1, 0)])
+def test_convolution_kernels_add_a_residual_before_the_clamp(dtype, kernel, stride, padding):
+    """conv2d_forward and winograd_conv2d_forward with a residual: clamp((conv + bias) + residual),
+    bit for bit the separate passes (float64 runs the batched products, float32 the per-image ones);
+    a residual of the wrong shape or dtype is refused by name."""
+    from npanomaly import kernels
+    rng = np.random.default_rng(kernel + stride)
+    x = rng.standard_normal((2, 6, 9, 10)).astype(dtype)
+    w = rng.standard_normal((5, 6, kernel, kernel)).astype(dtype)
+    b = rng.standard_normal(5).astype(dtype)
+    plain = kernels.conv2d_forward(x, w, b, stride, stride, padding, padding)
+    residual = rng.standard_normal(plain.shape).astype(dtype)
+    np.testing.assert_array_equal(kernels.conv2d_forward(x, w, b, stride, stride, padding, padding, 0.0, np.inf,
+                                                         residual=residual), np.maximum(plain + residual, 0.0))
+    np.testing.assert_array_equal(kernels.conv2d_forward(x, w, None, stride, stride, padding, padding,
+                                                         residual=residual),
+                                  kernels.conv2d_forward(x, w, None, stride, stride, padding, padding) + residual)
+    with pytest.raises(ValueError, match="residual must be"):
+        kernels.conv2d_forward(x, w, b, stride, stride, padding, padding, residual=residual[:, :, 1:])
+    with pytest.raises(ValueError, match="residual must be"):
+        kernels.conv2d_forward(x, w, b, stride, stride, padding, padding, residual=residual.astype(np.float16))
+    if kernel == 3 and stride == 1:
+        for m in (2, 4):
+            plain = kernels.winograd_conv2d_forward(x, w, b, padding, padding, m)
+            np.testing.assert_array_equal(
+                kernels.winograd_conv2d_forward(x, w, b, padding, padding, m, 0.0, np.inf, residual=residual),
+                np.maximum(plain + residual, 0.0))
+        with pytest.raises(ValueError, match="residual must be"):
+            kernels.winograd_conv2d_forward(x, w, b, padding, padding, 2, residual=residual.T)
