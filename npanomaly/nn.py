@@ -1020,6 +1020,8 @@ class ResidualBlock(Module):
     body is a Sequential whose layers carry torchvision's names (conv1, bn1, relu, conv2, ...);
     the shortcut is named "downsample". Gradient: g = relu'(s) * dL/dy with s the sum, then
     dL/dx = body's dL/dx(g) + shortcut's dL/dx(g) (or g for the identity).
+    In evaluation mode the sum and the ReLU run in the body's last convolution's output pass
+    where it can take them (Sequential._run), bit-identical to the separate passes.
     """
 
     def __init__(self, body, downsample=None):

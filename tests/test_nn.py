@@ -387,3 +387,24 @@ def test_convolution_kernels_add_a_residual_before_the_clamp(dtype, kernel, stri
                 np.maximum(plain + residual, 0.0))
         with pytest.raises(ValueError, match="residual must be"):
             kernels.winograd_conv2d_forward(x, w, b, padding, padding, 2, residual=residual.T)
+
+
+def test_frozen_parameters_hold_read_only_copies_and_unfreeze_to_writable_ones():
+    given = np.arange(6, dtype=np.float32)
+    param = nn.Parameter(given, requires_grad=False)
+    assert param.data is not given and given.flags.writeable and not param.data.flags.writeable
+    np.testing.assert_array_equal(param.data, given)
+    given[0] = 7.0  # the caller's array stays the caller's
+    assert param.data[0] == 0.0
+    with pytest.raises(ValueError, match="read-only"):
+        param.data[1] = 1.0
+    param.data = given * 2  # a new version, frozen too
+    assert not param.data.flags.writeable and param.data[0] == 14.0
+    param.requires_grad = True
+    assert param.data.flags.writeable
+    param.data[1] = 5.0
+    net = small_net().requires_grad_(False).to(np.float64)  # a conversion keeps them frozen
+    assert all(not p.data.flags.writeable and p.data.dtype == np.float64 for p in net.parameters())
+    net.load_state_dict(net.state_dict())  # and so does loading
+    assert all(not p.data.flags.writeable for p in net.parameters())
+    assert all(p.data.flags.writeable for p in net.requires_grad_(True).parameters())
