@@ -23,7 +23,10 @@ def all_below(x, bound):
 
 
 def all_finite(x):
-    """True when no element of x is NaN or infinite (x C-contiguous; allocates nothing)."""
+    """True when no element of x is NaN or infinite (allocates nothing where x is contiguous in
+    some order, as a channels-last view is: it is read in memory order)."""
+    if not x.flags.c_contiguous:
+        x = np.ravel(x, order="K")
     return all_below(x, np.inf)
 
 

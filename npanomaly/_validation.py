@@ -120,8 +120,10 @@ def check_float_dtype(dtype, name="dtype"):
     return dtype
 
 
-def check_array(x, name, ndim, dtype=None):
-    """An ndarray of float32/float64 with ndim dimensions, returned C-contiguous.
+def check_array(x, name, ndim, dtype=None, keep_channels_last=False):
+    """An ndarray of float32/float64 with ndim dimensions, returned C-contiguous (or, with
+    ``keep_channels_last``, as it is where it is an [N, C, H, W] view of a C-contiguous
+    [N, H, W, C] array: what Winograd layers hand to each other).
 
     With dtype given the array must already have it: converting silently would hide a precision
     change the caller did not ask for.
@@ -137,12 +139,14 @@ def check_array(x, name, ndim, dtype=None):
         )
     if x.ndim != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {x.shape}")
+    if keep_channels_last and ndim == 4 and x.transpose(0, 2, 3, 1).flags.c_contiguous:
+        return x
     return np.ascontiguousarray(x)
 
 
-def check_batch(x, name, channels=None, dtype=None):
+def check_batch(x, name, channels=None, dtype=None, keep_channels_last=False):
     """An NCHW batch: 4 dimensions, at least one image, the expected channel count, non-zero size."""
-    x = check_array(x, name, 4, dtype)
+    x = check_array(x, name, 4, dtype, keep_channels_last)
     if x.shape[0] == 0:
         raise ValueError(f"{name} is an empty batch: shape {x.shape}, expected at least one image")
     if channels is not None and x.shape[1] != channels:

@@ -242,7 +242,8 @@ def test_frozen_weights_are_known_by_identity_and_unfrozen_ones_by_value(monkeyp
 
     given = conv.weight.data
     conv.requires_grad_(False)
-    assert not conv.weight.data.flags.writeable and given.flags.writeable  # a read-only copy; the array given is untouched
+    # a read-only copy; the array given is untouched
+    assert not conv.weight.data.flags.writeable and given.flags.writeable
     np.testing.assert_array_equal(conv.weight.data, given)
     with pytest.raises(ValueError, match="read-only"):
         conv.weight.data[0] = 0.0
@@ -347,3 +348,40 @@ def test_auto_keeps_im2col_where_kernels_cannot_call_openblas(monkeypatch):
     assert conv._winograd_tile(x, (1, 1)) is None
     conv.algorithm = "winograd"  # forced: still Winograd, through the slow but exact callback
     assert conv._winograd_tile(x, (1, 1)) == 4
+
+
+def test_consecutive_winograd_layers_hand_over_channels_last_bit_identically(monkeypatch):
+    """In evaluation a Winograd layer whose only reader is another Winograd layer writes its output
+    channels-last, which the next reads without a copy; the network's output is bit-identical to
+    the layers run on plain arrays, an output asked for with intermediate() stays a C-contiguous
+    [N, C, H, W] array, and a layer of any algorithm or mode given such a view computes as on a copy."""
+    rng = np.random.default_rng(5)
+    net = nn.Sequential(nn.Conv2d(8, 12, 3, padding=1, seed=0, algorithm="winograd"), nn.ReLU(),
+                        nn.Conv2d(12, 8, 3, padding=1, seed=1, algorithm="winograd"),
+                        nn.Conv2d(8, 8, 1, seed=2)).eval()
+    x = rng.standard_normal((3, 8, 11, 13)).astype(np.float32)
+    expected = net[3]._forward(net[2]._forward(np.maximum(net[0]._forward(x), 0.0)))
+    handed, copies = [], []
+    original = kernels.winograd_conv2d_forward
+    monkeypatch.setattr(kernels, "winograd_conv2d_forward",
+                        lambda x, *a, **k: handed.append((x.flags.c_contiguous, k.get("channels_last", False)))
+                        or original(x, *a, **k))
+    original_copy = winograd.to_channels_last
+    monkeypatch.setattr(winograd, "to_channels_last", lambda x, out: copies.append(x.shape) or original_copy(x, out))
+    np.testing.assert_array_equal(net(x), expected)
+    assert handed == [(True, True), (False, False)]  # the second layer got the first's channels-last view
+    assert copies == [x.shape]  # only the network's input was copied to channels-last
+    first, = net.intermediate(x, [1])
+    assert first.flags.c_contiguous
+    np.testing.assert_array_equal(first, np.maximum(net[0]._forward(x), 0.0))
+
+    view = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    assert not view.flags.c_contiguous
+    for algorithm in ("winograd", "im2col"):
+        for training in (False, True):
+            conv = nn.Conv2d(8, 6, 3, padding=1, seed=3, algorithm=algorithm).train(training)
+            np.testing.assert_array_equal(conv(view), conv(x))
+    spoiled = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    spoiled[1, 2, 3, 4] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        nn.Conv2d(8, 6, 3, padding=1, seed=3).eval()(spoiled.transpose(0, 3, 1, 2))
