@@ -493,15 +493,21 @@ def conv2d_forward(x, weight, bias, stride_h, stride_w, pad_h, pad_w, lower=-np.
     return y.reshape(batch, out_channels, out_h, out_w)
 
 
+def checked_residual(residual, dtype, out_shape):
+    """residual as a C-contiguous array, refused by name unless it is a ``dtype`` array of the
+    convolution's output shape (CPU kernels and their GPU twins)."""
+    if not isinstance(residual, np.ndarray) or residual.dtype != dtype or residual.shape != tuple(out_shape):
+        raise ValueError(f"residual must be a {np.dtype(dtype)} array of the output's shape {tuple(out_shape)}, "
+                         f"got {getattr(residual, 'dtype', type(residual).__name__)} {np.shape(residual)}")
+    return np.ascontiguousarray(residual)
+
+
 def _residual_rows(residual, y, out_shape):
     """residual [N, O, Ho, Wo] (out_shape) as y's [N, O, Ho*Wo] rows, C-contiguous, or an empty
     [0, 0, 0] for none: the kernels take one array type either way, so a residual compiles nothing new."""
     if residual is None:
         return np.empty((0, 0, 0), y.dtype)
-    if not isinstance(residual, np.ndarray) or residual.dtype != y.dtype or residual.shape != tuple(out_shape):
-        raise ValueError(f"residual must be a {y.dtype} array of the output's shape {tuple(out_shape)}, got "
-                         f"{getattr(residual, 'dtype', type(residual).__name__)} {np.shape(residual)}")
-    return np.ascontiguousarray(residual).reshape(y.shape)
+    return checked_residual(residual, y.dtype, out_shape).reshape(y.shape)
 
 
 def conv2d_backward_input(grad_out, weight, in_h, in_w, stride_h, stride_w, pad_h, pad_w):

@@ -57,6 +57,12 @@ def test_convolution_twins(gpu, dtype, stride, pad, bias):
     np.testing.assert_allclose(gpu.conv2d_forward(x, w, b, stride, stride, pad, pad), y, **tol)
     np.testing.assert_allclose(gpu.conv2d_forward(x, w, b, stride, stride, pad, pad, 0.0, 0.5),
                                cpu.conv2d_forward(x, w, b, stride, stride, pad, pad, 0.0, 0.5), **tol)
+    shortcut = random_array(7, y.shape, dtype)  # a residual block's sum, before the ReLU
+    np.testing.assert_allclose(gpu.conv2d_forward(x, w, b, stride, stride, pad, pad, 0.0, np.inf, residual=shortcut),
+                               cpu.conv2d_forward(x, w, b, stride, stride, pad, pad, 0.0, np.inf, residual=shortcut),
+                               **tol)
+    with pytest.raises(ValueError, match="residual must be"):
+        gpu.conv2d_forward(x, w, b, stride, stride, pad, pad, residual=shortcut[:1])
     g = random_array(3, y.shape, dtype)
     np.testing.assert_allclose(gpu.conv2d_backward_input(g, w, 5, 4, stride, stride, pad, pad),
                                cpu.conv2d_backward_input(g, w, 5, 4, stride, stride, pad, pad), **tol)

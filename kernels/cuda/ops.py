@@ -14,7 +14,7 @@ import numpy as np
 from numba import cuda
 
 from .. import _config
-from ..conv import conv2d_output_size
+from ..conv import checked_residual, conv2d_output_size
 from ._device import require
 
 
@@ -59,7 +59,7 @@ def _unravel(index, d1, d2, d3):
 # ----------------------------------------------------------------------------- convolution
 
 @cuda.jit
-def _conv_forward(x, weight, bias, has_bias, sh, sw, ph, pw, lower, upper, y):
+def _conv_forward(x, weight, bias, has_bias, sh, sw, ph, pw, residual, has_residual, lower, upper, y):
     index = cuda.grid(1)
     batch, out_channels, out_h, out_w = y.shape
     if index >= y.size:
@@ -77,18 +77,24 @@ def _conv_forward(x, weight, bias, has_bias, sh, sw, ph, pw, lower, upper, y):
                 iw = ow * sw - pw + j
                 if 0 <= iw < width:
                     total += weight[o, c, i, j] * x[n, c, ih, iw]
+    if has_residual:
+        total += residual[n, o, oh, ow]
     y[n, o, oh, ow] = _clamp(total, lower, upper)
 
 
 @_launcher
-def conv2d_forward(x, weight, bias, stride_h, stride_w, pad_h, pad_w, lower=-np.inf, upper=np.inf):
-    """GPU twin of npanomaly.kernels.conv2d_forward (direct convolution, one thread per output)."""
+def conv2d_forward(x, weight, bias, stride_h, stride_w, pad_h, pad_w, lower=-np.inf, upper=np.inf, residual=None):
+    """GPU twin of npanomaly.kernels.conv2d_forward (direct convolution, one thread per output;
+    a residual is added before the clamp)."""
     out_h = conv2d_output_size(x.shape[2], weight.shape[2], stride_h, pad_h)
     out_w = conv2d_output_size(x.shape[3], weight.shape[3], stride_w, pad_w)
+    out_shape = (x.shape[0], weight.shape[0], out_h, out_w)
     has_bias = bias is not None
     bias = np.zeros(weight.shape[0], x.dtype) if bias is None else bias
-    return _per_output(_conv_forward, (x.shape[0], weight.shape[0], out_h, out_w), x.dtype, x, weight, bias,
-                       has_bias, stride_h, stride_w, pad_h, pad_w, lower, upper)
+    has_residual = residual is not None
+    residual = (checked_residual(residual, x.dtype, out_shape) if has_residual else np.zeros((1, 1, 1, 1), x.dtype))
+    return _per_output(_conv_forward, out_shape, x.dtype, x, weight, bias, has_bias, stride_h, stride_w, pad_h, pad_w,
+                       residual, has_residual, lower, upper)
 
 
 @cuda.jit
