@@ -80,7 +80,7 @@ from . import _config, memory
 from ._config import JIT_OPTIONS, PARALLEL_JIT_OPTIONS
 from .blas import gemm
 from .activation import clamp
-from .conv import _share, conv2d_output_size
+from .conv import _share, checked_residual, conv2d_output_size
 
 #: The finite interpolation points for alpha = m + r - 1 (alpha - 1 of them, and infinity): F(2, 3)
 #: and the weight gradient's F(3, 2) use alpha = 4, F(4, 3) and F(3, 4) alpha = 6.
@@ -518,13 +518,7 @@ def winograd_conv2d_forward(x, weight, bias, pad_h, pad_w, m=4, lower=-np.inf, u
     block_rows = _block_rows(alpha, channels + out_channels // channel_shares, x.itemsize,
                              _config.WINOGRAD_BLOCK_BYTES)
     block_rows = min(block_rows, -(-jobs // tile_shares))
-    if residual is None:
-        shortcut = np.empty((0, 0, 0, 0), x.dtype)
-    elif isinstance(residual, np.ndarray) and residual.dtype == x.dtype and residual.shape == y.shape:  # NCHW y
-        shortcut = np.ascontiguousarray(residual)
-    else:
-        raise ValueError(f"residual must be a {x.dtype} array of the output's shape {y.shape}, got "
-                         f"{getattr(residual, 'dtype', type(residual).__name__)} {np.shape(residual)}")
+    shortcut = np.empty((0, 0, 0, 0), x.dtype) if residual is None else checked_residual(residual, x.dtype, y.shape)
     with threads.single_threaded_blas():
         forward_blocks(x_nhwc, b_t, a_t, u, _reversed, m, pad_h, pad_w, tiles_h, tiles_w, block_rows, tile_shares,
                        channel_shares, zeros, shortcut, channels_last, lower, upper, y)

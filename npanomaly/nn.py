@@ -451,6 +451,10 @@ class Conv2d(Module):
         backward pass)."""
         return self.groups == 1 and not self.training and self.kernels is kernels
 
+    def _winograd_output_shape(self, shape, pads):
+        """[N, O, Ho, Wo] of this 3x3 stride-1 convolution on an input of ``shape`` with ``pads``."""
+        return (shape[0], self.out_channels, *(n + 2 * p - 2 for n, p in zip(shape[2:], pads)))
+
     def _winograd_shape(self):
         return (self.kernel_size == (3, 3) and self._stride == (1, 1) and self.groups == 1
                 and (self._same or max(self._padding) <= 2))
@@ -468,7 +472,7 @@ class Conv2d(Module):
         image's result never depends on its batch mates."""
         if self._algorithm == "im2col" or not hasattr(self.kernels, "winograd_conv2d_forward"):
             return None
-        out_h, out_w = (n + 2 * p - 2 for n, p in zip(x.shape[2:], pads))
+        out_h, out_w = self._winograd_output_shape(x.shape, pads)[2:]
         m = 4 if min(out_h, out_w) >= WINOGRAD_LARGE_TILE_SIZE or not self.training else 2
         if self._algorithm == "winograd":
             return m
@@ -543,7 +547,7 @@ class Conv2d(Module):
         if self.groups == 1:
             m = self._winograd_tile(x, pads)
             if m is not None:
-                out_shape = (x.shape[0], self.out_channels, *(n + 2 * p - 2 for n, p in zip(x.shape[2:], pads)))
+                out_shape = self._winograd_output_shape(x.shape, pads)
                 kept = self.training and weight is self.weight.data and self._reuses_forward_filters(out_shape, m)
                 filters = self.kernels.winograd_filters(weight, m) if kept else self._winograd_filters_for(weight, m)
                 y = self.kernels.winograd_conv2d_forward(x, weight, bias, *pads, m, lower, upper, filters, **extra)
@@ -716,7 +720,6 @@ class BatchNorm2d(Module):
         if _is_frozen(source):  # kept, and frozen itself, so that the convolution's filter cache knows it
             self._folded = (source, tuple(None if v is None else np.array(v, copy=True) for v in vectors),
                             _mark_frozen(weight), bias)
-        return weight, bias
         return weight, bias
 
     def _backward(self, grad_out, input_grad):
@@ -991,7 +994,7 @@ class Sequential(Module):
             return False
         if layer._winograd_tile(x, layer._padding) is None:
             return False
-        out_shape = (x.shape[0], layer.out_channels, *(n + 2 * p - 2 for n, p in zip(x.shape[2:], layer._padding)))
+        out_shape = layer._winograd_output_shape(x.shape, layer._padding)
         return following._winograd_tile(_Batch(out_shape, x.dtype), following._padding) is not None
 
     def _fused_activation(self, layer, index, stop, wanted):
