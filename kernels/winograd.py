@@ -40,7 +40,10 @@ elementwise products become, for each of the alpha^2 transform points xi, one ma
     M[xi] = U[xi] @ V[xi],   U[xi] [O, C] the transformed filters, V[xi] [C, tiles] the transformed
     inputs, M[xi] [O, tiles],
 
-which goes to BLAS (one call per point). The three transforms are the Numba kernels below.
+which goes to BLAS (one call per point). The transforms are matrix products too: B^T d B is
+B^T times d, then that times B, and with the tiles unfolded side by side each half is one product
+of the small transform matrix with a long matrix of all the tiles' and channels' values
+(input_transform, output_transform); filter_transform is a Numba loop.
 
 **Running it.** The tiles are cut into blocks of consecutive tiles small enough for one core's
 cache, and each block runs start to end on one thread of a parallel loop: input transform, the
@@ -81,6 +84,10 @@ from ._config import JIT_OPTIONS, PARALLEL_JIT_OPTIONS
 from .blas import gemm
 from .activation import clamp
 from .conv import _share, checked_residual, conv2d_output_size
+
+#: Tile-channels per chunk of the input and output transforms (input_transform): 512 to 8,192 ran
+#: within the noise of each other on the ResNet layers, one thread.
+TRANSFORM_CHUNK_VALUES = 1024
 
 #: The finite interpolation points for alpha = m + r - 1 (alpha - 1 of them, and infinity): F(2, 3)
 #: and the weight gradient's F(3, 2) use alpha = 4, F(4, 3) and F(3, 4) alpha = 6.
@@ -159,113 +166,128 @@ def filter_transform(weight, g, rotated, u):
 
 
 @njit(**JIT_OPTIONS)
-def input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, first, rows_from, rows_to, v):
+def input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, first, rows_from, rows_to, scratch, v):
     """V[xi, row, c] = (B^T d B)[xi // alpha, xi % alpha] for rows_from <= row < rows_to: channel c
     of the size x size tile d of tile job = first + row (image n = job // T, tile t = th*tiles_w
     + tw), whose top-left pixel is (th*m - pad_h, tw*m - pad_w); zeros outside the image. b_t is
     [alpha, size]: B^T (size = alpha) for the forward pass's input tiles, or G (size = m) for the
     weight gradient's m x m tiles of dL/dy.
 
-    Shapes: x_nhwc [N, H, W, C] (channels last: every inner loop runs along the channels, which
-    are contiguous, and vectorises), b_t [alpha, size] -> v [alpha^2, rows, C] (rows rows_from to
-    rows_to written in place): one block of consecutive tiles. Zero coefficients (16 of 36 in B^T
-    for m = 4) are skipped outside the inner loops, and so are the rows and columns of a tile that
-    fall outside the image.
+    Shapes: x_nhwc [N, H, W, C], b_t [alpha, size], scratch at least _transform_scratch(alpha^2,
+    C) values -> v [alpha^2, rows, C] (rows rows_from to rows_to written in place): one block of
+    consecutive tiles.
+    Steps, for chunks of the rows of about TRANSFORM_CHUNK_VALUES tile-channels each (so that
+    what a chunk writes and reads again stays in the core's first caches):
+      1. unfold: D[i, j, row, c] = d[i, j] of channel c of the row's tile (zeros outside the image);
+      2. L = B^T D, both sides of a matrix product: D is a [size, size * rows * C] matrix (rows i)
+         and L[a] = (B^T d)[a, j] of every tile and channel, [size, rows * C] (rows j);
+      3. for each a, V[a * alpha + b] = (L[a] B)[b], i.e. B^T L[a]: [alpha, size] @ [size, rows * C],
+         stored straight into v's rows of this chunk at the points a * alpha + b.
+    Both steps are gemm calls on this thread with long rows of data and alpha rows of
+    coefficients: they run at about the speed of a copy. As loops along the channels, one per
+    tile and coefficient (which they were), the setup of the many short loops cost more than
+    their work: 64 @56, one thread, 2.3-2.6 -> 1.65 ms; at 128 channels and more the same as
+    before (0.9-1.1 ms at 128 @28).
     Serial: called for (part of) one block by one thread of the callers' parallel loops.
     """
     batch, height, width, channels = x_nhwc.shape
     alpha, size = b_t.shape
     tiles = tiles_h * tiles_w
-    left = np.empty((alpha, size, channels), dtype=v.dtype)
-    for row in range(rows_from, rows_to):
-        job = first + row
-        n = job // tiles
-        th = (job % tiles) // tiles_w
-        tw = job % tiles_w
-        for a in range(alpha):  # left = B^T d
-            for j in range(size):
-                for c in range(channels):  # a loop: slice assignment compiles to far more code
-                    left[a, j, c] = 0.0
-                w = tw * m - pad_w + j
-                if w < 0 or w >= width:
-                    continue
-                for i in range(size):
-                    h = th * m - pad_h + i
-                    coefficient = b_t[a, i]
-                    if coefficient != 0.0 and 0 <= h < height:
-                        for c in range(channels):
-                            left[a, j, c] += coefficient * x_nhwc[n, h, w, c]
-        for a in range(alpha):  # (B^T d) B
-            for b in range(alpha):
-                point = a * alpha + b
-                for c in range(channels):
-                    v[point, row, c] = 0.0
+    no = np.bool_(False)
+    overwrite = np.float64(0.0)
+    by_point = v.reshape((alpha, alpha, v.shape[1] * channels))  # [a, b, (row, c)]
+    chunk = max(1, TRANSFORM_CHUNK_VALUES // channels)
+    for start in range(rows_from, rows_to, chunk):
+        stop = min(start + chunk, rows_to)
+        values = (stop - start) * channels
+        unfolded = scratch[:size * size * values].reshape((size, size, stop - start, channels))
+        left = scratch[size * size * values:(size + alpha) * size * values].reshape((alpha, size * values))
+        for row in range(start, stop):
+            job = first + row
+            n = job // tiles
+            th = (job % tiles) // tiles_w
+            tw = job % tiles_w
+            for i in range(size):
+                h = th * m - pad_h + i
                 for j in range(size):
-                    coefficient = b_t[b, j]
-                    if coefficient != 0.0:
+                    w = tw * m - pad_w + j
+                    if 0 <= h < height and 0 <= w < width:
                         for c in range(channels):
-                            v[point, row, c] += coefficient * left[a, j, c]
+                            unfolded[i, j, row - start, c] = x_nhwc[n, h, w, c]
+                    else:
+                        for c in range(channels):
+                            unfolded[i, j, row - start, c] = 0.0
+        gemm(b_t, unfolded.reshape((size, size * values)), left, no, overwrite, no)
+        for a in range(alpha):
+            gemm(b_t, left[a].reshape((size, values)), by_point[a][:, start * channels:stop * channels], no, overwrite,
+                 no)
 
 
 @njit(**JIT_OPTIONS)
-def output_transform(mm, a_t, tiles_h, tiles_w, first, o_first, bias, residual, channels_last, lower, upper, y):
+def output_transform(mm, a_t, tiles_h, tiles_w, first, o_first, bias, residual, channels_last, lower, upper,
+                     scratch, y):
     """y[n, o_first + o, th*m + i, tw*m + j] = clamp((A^T M A)[i, j] + bias[o_first + o] (+ the
     same element of residual)) for the points M[:, row, o] of tile job = first + row (numbered as
     in input_transform), dropping the positions of the last tiles that fall outside the output.
 
     Shapes: mm [alpha^2, rows, O'] (one block of consecutive tiles, output channels o_first to
     o_first + O'), a_t [m, alpha], bias [O], residual [N, O, Ho, Wo] or [0, 0, 0, 0] (none: a
-    residual block's shortcut, added before the clamp) -> y [N, O, Ho, Wo], or [N, Ho, Wo, O] when
+    residual block's shortcut, added before the clamp), scratch at least
+    _transform_scratch(alpha^2, O') values -> y [N, O, Ho, Wo], or [N, Ho, Wo, O] when
     channels_last (then without a residual), written in place at this block's tiles and channels
-    only. Channels-last stores run along the channels, as the sums do: 64 @56, one thread, 3.1
-    against 4.8 ms, and the next Winograd layer reads them without a copy. The sums run along the
-    output channels (contiguous in M, vectorised) into a buffer, from which each output pixel's
-    channels are stored (as fast as a channels-last output and a copy back, measured, and one kernel
-    less to compile). Math: clamp as add_channel_bias: (lower, upper) = (0, inf) is a fused ReLU.
+    only.
+    Steps, for chunks of the rows as in input_transform (M[a, b] below is point a * alpha + b):
+      1. for each b, P[:, b] = A^T M[:, b]: [m, alpha] @ [alpha, rows * O'], so that
+         P[i, b] = (A^T M)[i, b] of every tile and channel;
+      2. for each i, Y[i, j] = (P[i] A)[j], i.e. A^T P[i]: [m, alpha] @ [alpha, rows * O'];
+      3. each output pixel's O' values of Y[i, j] + bias (+ residual), clamped, stored along the
+         channels (channels-last: the next Winograd layer reads them without a copy) or across
+         the channel planes.
+    The products are gemm calls on this thread (see input_transform for why): 64 @56, one thread,
+    3.8 -> 3.2-3.4 ms, or 2.7 -> 1.7 ms channels-last; 128 @28 1.75 -> 1.5 ms (1.1 -> 0.95).
+    Math: clamp as add_channel_bias: (lower, upper) = (0, inf) is a fused ReLU.
     Serial: called for one block by one thread of the callers' parallel loops.
     """
     out_h = y.shape[1] if channels_last else y.shape[2]
     out_w = y.shape[2] if channels_last else y.shape[3]
-    out_channels = mm.shape[2]
+    alpha2, rows, out_channels = mm.shape
     m, alpha = a_t.shape
+    no = np.bool_(False)
+    overwrite = np.float64(0.0)
+    by_point = mm.reshape((alpha, alpha, rows * out_channels))  # [a, b, (row, o)]
     tiles = tiles_h * tiles_w
-    left = np.empty((m, alpha, out_channels), dtype=mm.dtype)
-    out = np.empty(out_channels, dtype=mm.dtype)
-    for row in range(mm.shape[1]):
-        job = first + row
-        n = job // tiles
-        th = (job % tiles) // tiles_w
-        tw = job % tiles_w
-        for i in range(m):  # left = A^T M
-            for b in range(alpha):
-                for o in range(out_channels):  # a loop: slice assignment compiles to far more code
-                    left[i, b, o] = 0.0
-                for a in range(alpha):
-                    coefficient = a_t[i, a]
-                    if coefficient != 0.0:
-                        point = a * alpha + b
+    chunk = max(1, TRANSFORM_CHUNK_VALUES // out_channels)
+    for start in range(0, rows, chunk):
+        stop = min(start + chunk, rows)
+        values = (stop - start) * out_channels
+        partial = scratch[:m * alpha * values].reshape((m, alpha, values))
+        result = scratch[m * alpha * values:m * (alpha + 1) * values].reshape((m, stop - start, out_channels))
+        for b in range(alpha):
+            gemm(a_t, by_point[:, b, start * out_channels:stop * out_channels], partial[:, b], no, overwrite, no)
+        for i in range(m):
+            gemm(a_t, partial[i], result.reshape((m, values)), no, overwrite, no)  # result[j] = Y[i, j]
+            for row in range(start, stop):
+                job = first + row
+                n = job // tiles
+                th = (job % tiles) // tiles_w
+                tw = job % tiles_w
+                h = th * m + i
+                if h >= out_h:
+                    continue
+                for j in range(min(m, out_w - tw * m)):
+                    w = tw * m + j
+                    sums = result[j, row - start]
+                    if channels_last:
+                        pixel = y[n, h, w]
                         for o in range(out_channels):
-                            left[i, b, o] += coefficient * mm[point, row, o]
-        for i in range(min(m, out_h - th * m)):  # (A^T M) A, inside the output only
-            for j in range(min(m, out_w - tw * m)):
-                for o in range(out_channels):
-                    out[o] = bias[o_first + o]
-                for b in range(alpha):
-                    coefficient = a_t[j, b]
-                    if coefficient != 0.0:
+                            pixel[o_first + o] = clamp(sums[o] + bias[o_first + o], lower, upper)
+                    elif residual.shape[0] == 0:
                         for o in range(out_channels):
-                            out[o] += coefficient * left[i, b, o]
-                h, w = th * m + i, tw * m + j
-                if channels_last:
-                    pixel = y[n, h, w]
-                    for o in range(out_channels):
-                        pixel[o_first + o] = clamp(out[o], lower, upper)
-                elif residual.shape[0] == 0:
-                    for o in range(out_channels):
-                        y[n, o_first + o, h, w] = clamp(out[o], lower, upper)
-                else:
-                    for o in range(out_channels):
-                        y[n, o_first + o, h, w] = clamp(out[o] + residual[n, o_first + o, h, w], lower, upper)
+                            y[n, o_first + o, h, w] = clamp(sums[o] + bias[o_first + o], lower, upper)
+                    else:
+                        for o in range(out_channels):
+                            y[n, o_first + o, h, w] = clamp(sums[o] + bias[o_first + o]
+                                                            + residual[n, o_first + o, h, w], lower, upper)
 
 
 @njit(**PARALLEL_JIT_OPTIONS)
@@ -298,6 +320,15 @@ def _channels_last(x):
     out = memory.empty(view.shape, x.dtype)
     to_channels_last(np.ascontiguousarray(x), out)
     return out
+
+
+@njit(**JIT_OPTIONS)
+def _transform_scratch(alpha2, channels):
+    """How many values of scratch input_transform and output_transform need at most, for alpha^2
+    points and ``channels`` channels (input or output): a chunk of at most
+    max(TRANSFORM_CHUNK_VALUES, channels) tile-channels, unfolded (alpha^2 values each) and once
+    transformed (alpha^2 again)."""
+    return 2 * alpha2 * max(TRANSFORM_CHUNK_VALUES, channels)
 
 
 @njit(**JIT_OPTIONS)
@@ -344,15 +375,18 @@ def forward_blocks(x_nhwc, b_t, a_t, u, transposed, m, pad_h, pad_w, tiles_h, ti
         first, stop = _share(jobs, tile_shares, share // channel_shares)
         o_first, o_stop = _share(out_channels, channel_shares, share % channel_shares)
         width = o_stop - o_first
+        if width == 0 or stop == first:  # more shares than channels or tiles
+            continue
         buffers = _block_buffers(alpha2, block_rows, channels, width, x_nhwc.dtype)
+        scratch = np.empty(max(_transform_scratch(alpha2, channels), _transform_scratch(alpha2, width)), x_nhwc.dtype)
         for start in range(first, stop, block_rows):
             v, mm = _block_views(buffers, alpha2, min(block_rows, stop - start), channels, width)
-            input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, start, np.int64(0), v.shape[1], v)
+            input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, start, np.int64(0), v.shape[1], scratch, v)
             for xi in range(alpha2):
                 filters = u[xi][o_first:o_stop] if transposed else u[xi][:, o_first:o_stop]
                 gemm(v[xi], filters, mm[xi], np.bool_(False), np.float64(0.0), transposed)
             output_transform(mm, a_t, tiles_h, tiles_w, start, o_first, bias, residual, channels_last, lower, upper,
-                             y)
+                             scratch, y)
 
 
 @njit(**PARALLEL_JIT_OPTIONS)
@@ -375,13 +409,16 @@ def weight_gradient_points(x_nhwc, g_nhwc, b_t, g, m, pad_h, pad_w, tiles_h, til
     jobs = x_nhwc.shape[0] * tiles_h * tiles_w
     unpadded = np.int64(0)  # not a literal 0, which would compile input_transform a second time (blas.gemm)
     buffers = _block_buffers(alpha2, block_rows, channels, out_channels, x_nhwc.dtype)
+    scratch = np.empty((parts, _transform_scratch(alpha2, max(channels, out_channels))), x_nhwc.dtype)
     for start in range(0, jobs, block_rows):
         rows = min(block_rows, jobs - start)
         v, du = _block_views(buffers, alpha2, rows, channels, out_channels)
         for part in prange(parts):
             rows_from, rows_to = _share(rows, parts, part)
-            input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, start, rows_from, rows_to, v)
-            input_transform(g_nhwc, g, m, unpadded, unpadded, tiles_h, tiles_w, start, rows_from, rows_to, du)
+            input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, start, rows_from, rows_to, scratch[part],
+                            v)
+            input_transform(g_nhwc, g, m, unpadded, unpadded, tiles_h, tiles_w, start, rows_from, rows_to,
+                            scratch[part], du)
         beta = np.float64(0.0 if start == 0 else 1.0)
         for xi in prange(alpha2):
             gemm(du[xi], v[xi], sums[xi], np.bool_(True), beta, np.bool_(False))
