@@ -174,26 +174,46 @@ def _unfold_images(x, first, count, kernel_h, kernel_w, stride_h, stride_w, pad_
 
 
 @njit(**JIT_OPTIONS)
-def _group_scratch(rows, out_channels, group, positions, pointwise, height, width, stride_h, stride_w, dtype):
-    """One thread's scratch for a group of ``group`` images: flat buffers for their column matrices
-    [rows, group*P] and their gathered output gradients [O, group*P], and the stride phases of one
-    plane. A pointwise convolution needs no columns (its image is its column matrix, and its
-    groups are single images), a single image no gathered gradients: its own arrays are used in
-    place."""
-    return (np.empty(0 if pointwise else rows * group * positions, dtype=dtype),
-            np.empty(0 if group == 1 else out_channels * group * positions, dtype=dtype),
-            _phase_buffer(height, width, stride_h, stride_w, dtype))
+def _group_scratch_sizes(rows, out_channels, group, positions, pointwise, height, width, stride_h, stride_w):
+    """The values in one thread's _group_scratch: (columns, gathered gradients, stride phases)."""
+    return (0 if pointwise else rows * group * positions, 0 if group == 1 else out_channels * group * positions,
+            stride_h * stride_w * ((height + stride_h - 1) // stride_h) * ((width + stride_w - 1) // stride_w))
+
+
+@njit(**JIT_OPTIONS)
+def _group_scratch(scratch, rows, out_channels, group, positions, pointwise, height, width, stride_h, stride_w):
+    """One thread's scratch for a group of ``group`` images, cut from its row of the caller's
+    scratch: flat buffers for their column matrices [rows, group*P] and their gathered output
+    gradients [O, group*P], and the stride phases of one plane. A pointwise convolution needs no
+    columns (its image is its column matrix, and its groups are single images), a single image no
+    gathered gradients: its own arrays are used in place."""
+    columns, gradients, phases = _group_scratch_sizes(rows, out_channels, group, positions, pointwise, height, width,
+                                                      stride_h, stride_w)
+    phase_shape = (stride_h, stride_w, (height + stride_h - 1) // stride_h, (width + stride_w - 1) // stride_w)
+    return (scratch[:columns], scratch[columns:columns + gradients],
+            scratch[columns + gradients:columns + gradients + phases].reshape(phase_shape))
+
+
+def _thread_scratch(shares, rows, out_channels, group, positions, pointwise, height, width, stride_h, stride_w, dtype):
+    """Scratch [shares, values] for conv2d_forward_images and conv2d_backward_images, one row per
+    thread (_group_scratch), on recycled memory (kernels/memory.py). Allocated inside the kernels,
+    the columns (7.4 MB per thread for ResNet's stem on 8 x 224 x 224) were fresh pages from
+    malloc on every call once other code in the process (torch, in the benchmarks) had made glibc
+    hand its heap top back: ~1,400 page faults per call of the stem."""
+    values = sum(_group_scratch_sizes(rows, out_channels, group, positions, pointwise, height, width, stride_h,
+                                      stride_w))
+    return memory.empty((shares, values), dtype)
 
 
 @njit(**PARALLEL_JIT_OPTIONS)
 def conv2d_forward_images(x, w2, bias, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w, pointwise,
-                          shares, residual, lower, upper, y):
+                          scratch, residual, lower, upper, y):
     """y[n] = clamp(W2 @ im2col(x[n]) + bias + residual[n]) image by image: the image's columns
     (none for a 1x1 stride-1 unpadded convolution, whose image is its column matrix), one gemm on
     this thread, then the bias, a residual network's shortcut and a fused ReLU while y[n] is in cache.
 
     Shapes: x [N, C, H, W], w2 [O, C*kh*kw], bias [O], residual [N, O, out_h*out_w] or [0, 0, 0]
-    (none) -> y [N, O, out_h*out_w] (in place).
+    (none), scratch [shares, values] (_thread_scratch) -> y [N, O, out_h*out_w] (in place).
     Parallel: over ``shares`` contiguous shares of the images, one per thread, each image start to
     end on one thread. One gemm per image, never several images side by side as the backward pass
     does: BLAS may round an output column differently in a wider product, and an image's output
@@ -203,10 +223,11 @@ def conv2d_forward_images(x, w2, bias, kernel_h, kernel_w, stride_h, stride_w, p
     batch, channels, height, width = x.shape
     out_channels, rows = w2.shape
     positions = out_h * out_w
+    shares = scratch.shape[0]
     for share in prange(shares):
         one = np.int64(1)  # not a literal 1, which would compile _group_scratch and _unfold_images again
-        col_scratch, _, phases = _group_scratch(rows, out_channels, one, positions, pointwise, height, width,
-                                                stride_h, stride_w, x.dtype)
+        col_scratch, _, phases = _group_scratch(scratch[share], rows, out_channels, one, positions, pointwise, height,
+                                                width, stride_h, stride_w)
         first, stop = _share(batch, shares, share)
         for n in range(first, stop):
             if pointwise:
@@ -262,7 +283,7 @@ def col2im_add(cols, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h
 
 @njit(**PARALLEL_JIT_OPTIONS)
 def conv2d_backward_images(grad_out, x, w2, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_w, pointwise,
-                           group, weight_grad, grad_w2, input_grad, grad_x):
+                           group, weight_grad, grad_w2, input_grad, scratch, grad_x):
     """A convolution's gradients for groups of ``group`` consecutive images (the last one may be
     shorter), each group on one thread of one pool (as conv2d_forward_images), with G the group's
     dL/dy side by side [O, group*P]: when weight_grad, grad_w2[share] += G @ cols^T (the group's
@@ -272,8 +293,9 @@ def conv2d_backward_images(grad_out, x, w2, kernel_h, kernel_w, stride_h, stride
     each its own column matrix (grouping them saved ~10% on 1 ms layers, for copies in both
     directions and 0.6 s more compile time).
 
-    Shapes: grad_out [N, O, P], x [N, C, H, W], w2 [O, C*kh*kw] -> grad_w2 [shares, O, C*kh*kw]
-    (zeros on entry, a partial sum per share) and grad_x [N, C, H, W] (zeros on entry). x and
+    Shapes: grad_out [N, O, P], x [N, C, H, W], w2 [O, C*kh*kw], scratch [shares, values]
+    (_thread_scratch) -> grad_w2 [shares, O, C*kh*kw] (zeros on entry, a partial sum per share)
+    and grad_x [N, C, H, W] (zeros on entry). x and
     grad_w2 are not read without weight_grad, nor grad_x written without input_grad (the callers
     pass empty arrays there).
     Parallel: over grad_w2.shape[0] contiguous shares of the groups. The groups and, for the
@@ -286,8 +308,8 @@ def conv2d_backward_images(grad_out, x, w2, kernel_h, kernel_w, stride_h, stride
     channels, height, width = grad_x.shape[1:] if input_grad else x.shape[1:]
     out_h = positions // out_w
     for share in prange(shares):
-        col_scratch, grad_scratch, phases = _group_scratch(rows, out_channels, group, positions, pointwise, height,
-                                                           width, stride_h, stride_w, grad_out.dtype)
+        col_scratch, grad_scratch, phases = _group_scratch(scratch[share], rows, out_channels, group, positions,
+                                                           pointwise, height, width, stride_h, stride_w)
         first, stop = _share(-(-batch // group), shares, share)
         for start in range(first * group, min(batch, stop * group), group):
             count = min(group, batch - start)
@@ -335,14 +357,17 @@ def _backward_by_image(grad_out, x, weight, stride_h, stride_w, pad_h, pad_w, we
         shares = _gradient_shares(groups, out_channels * rows * dtype.itemsize)
     else:
         shares = min(numba.get_num_threads(), groups)  # each image's gradient is its own: any split
-    grad_w2 = np.zeros((shares, out_channels, rows) if weight_grad else (shares, 0, 0), dtype)
+    grad_w2 = memory.zeros((shares, out_channels, rows) if weight_grad else (shares, 0, 0), dtype)
     grad_x = memory.zeros((0, 0, 0, 0) if weight_grad else in_shape, dtype)
     x = np.ascontiguousarray(x) if weight_grad else np.empty((0, 0, 0, 0), dtype)
+    height, width = x.shape[2:] if weight_grad else in_shape[2:]
+    scratch = _thread_scratch(shares, rows, out_channels, group, out_h * out_w, pointwise, height, width, stride_h,
+                              stride_w, dtype)
     with threads.single_threaded_blas():
         conv2d_backward_images(np.ascontiguousarray(grad_out).reshape(batch, out_channels, out_h * out_w), x,
                                np.ascontiguousarray(weight).reshape(out_channels, rows), kernel_h, kernel_w,
                                stride_h, stride_w, pad_h, pad_w, out_w, pointwise, group, weight_grad, grad_w2,
-                               not weight_grad, grad_x)
+                               not weight_grad, scratch, grad_x)
     return _sum_in_order(grad_w2).reshape(weight.shape) if weight_grad else grad_x
 
 
@@ -477,9 +502,11 @@ def conv2d_forward(x, weight, bias, stride_h, stride_w, pad_h, pad_w, lower=-np.
         zeros = np.zeros(out_channels, y.dtype) if bias is None else bias
         pointwise = _is_pointwise(kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w)
         shortcut = _residual_rows(residual, y, (batch, out_channels, out_h, out_w))
+        scratch = _thread_scratch(shares, w2.shape[1], out_channels, 1, positions, pointwise, height, width, stride_h,
+                                  stride_w, x.dtype)
         with threads.single_threaded_blas():
             conv2d_forward_images(np.ascontiguousarray(x), w2, zeros, kernel_h, kernel_w, stride_h, stride_w, pad_h,
-                                  pad_w, out_h, out_w, pointwise, shares, shortcut, lower, upper, y)
+                                  pad_w, out_h, out_w, pointwise, scratch, shortcut, lower, upper, y)
         return y.reshape(batch, out_channels, out_h, out_w)
     for start, stop, cols in _unfolded_chunks(x, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out_h, out_w):
         np.matmul(w2, cols, out=y[start:stop])

@@ -331,27 +331,29 @@ def _transform_scratch(alpha2, channels):
     return 2 * alpha2 * max(TRANSFORM_CHUNK_VALUES, channels)
 
 
-@njit(**JIT_OPTIONS)
-def _block_buffers(alpha2, block_rows, channels, out_channels, dtype):
-    """Flat scratch for a block's transformed tiles of both sides (input channels and output
-    channels), viewed per block by _block_views: one thread's in forward_blocks, shared by all in
-    weight_gradient_points."""
-    return (np.empty(alpha2 * block_rows * channels, dtype=dtype),
-            np.empty(alpha2 * block_rows * out_channels, dtype=dtype))
+def _block_scratch_values(alpha2, block_rows, channels, out_channels):
+    """The values of one thread's scratch in forward_blocks (the block's transformed tiles of both
+    sides, then the transforms' own scratch): what _block_views cuts it into."""
+    return alpha2 * block_rows * (channels + out_channels) + _transform_scratch(alpha2, max(channels, out_channels))
 
 
 @njit(**JIT_OPTIONS)
-def _block_views(buffers, alpha2, rows, channels, out_channels):
-    """The first values of _block_buffers as [alpha2, rows, C] and [alpha2, rows, O]: one block's
-    transformed tiles (C-contiguous, so each kernel compiles once)."""
-    inputs, outputs = buffers
-    return (inputs[:alpha2 * rows * channels].reshape((alpha2, rows, channels)),
-            outputs[:alpha2 * rows * out_channels].reshape((alpha2, rows, out_channels)))
+def _block_views(scratch, alpha2, block_rows, rows, channels, out_channels):
+    """A block's V [alpha2, rows, C] and M [alpha2, rows, O] (C-contiguous, so each kernel compiles
+    once) and the transforms' scratch, cut from a flat scratch of _block_scratch_values(alpha2,
+    block_rows, C, O) values or more. The scratch comes from the Python driver, on recycled memory
+    (kernels/memory.py): allocated in the kernels, it was fresh pages on every call once other
+    code in the process had made glibc hand its heap top back (page faults: see docs/speed.md)."""
+    outputs = alpha2 * block_rows * channels
+    transforms = outputs + alpha2 * block_rows * out_channels
+    return (scratch[:alpha2 * rows * channels].reshape((alpha2, rows, channels)),
+            scratch[outputs:outputs + alpha2 * rows * out_channels].reshape((alpha2, rows, out_channels)),
+            scratch[transforms:])
 
 
 @njit(**PARALLEL_JIT_OPTIONS)
 def forward_blocks(x_nhwc, b_t, a_t, u, transposed, m, pad_h, pad_w, tiles_h, tiles_w, block_rows, tile_shares,
-                   channel_shares, bias, residual, channels_last, lower, upper, y):
+                   channel_shares, bias, residual, channels_last, lower, upper, scratch, y):
     """The Winograd forward pass of every tile, block by block: for each block of at most
     block_rows consecutive tiles, V = input_transform, M[xi] = V[xi] @ U[xi] for each of the
     alpha^2 points (gemm, on this thread), then output_transform into y.
@@ -359,7 +361,8 @@ def forward_blocks(x_nhwc, b_t, a_t, u, transposed, m, pad_h, pad_w, tiles_h, ti
     Shapes: x_nhwc [N, H, W, C], u [alpha^2, C, O] (or, when transposed, [alpha^2, O, C], each
     point's matrix read as its transpose: the forward pass's filters reused by the input gradient,
     winograd_conv2d_backward_input), bias [O], residual [N, O, Ho, Wo] or [0, 0, 0, 0] (none; see
-    output_transform) -> y [N, O, Ho, Wo], or [N, Ho, Wo, O] when channels_last (in place).
+    output_transform), scratch [tile_shares * channel_shares, values] (a row per share,
+    _block_views) -> y [N, O, Ho, Wo], or [N, Ho, Wo, O] when channels_last (in place).
     Parallel: over tile_shares x channel_shares shares, one per thread: contiguous shares of the
     N*T tiles, and for each, contiguous shares of the O output channels (the products'
     columns, U[xi][:, lo:hi]). Each share's blocks run start to end on its thread, so a block's V
@@ -377,27 +380,30 @@ def forward_blocks(x_nhwc, b_t, a_t, u, transposed, m, pad_h, pad_w, tiles_h, ti
         width = o_stop - o_first
         if width == 0 or stop == first:  # more shares than channels or tiles
             continue
-        buffers = _block_buffers(alpha2, block_rows, channels, width, x_nhwc.dtype)
-        scratch = np.empty(max(_transform_scratch(alpha2, channels), _transform_scratch(alpha2, width)), x_nhwc.dtype)
         for start in range(first, stop, block_rows):
-            v, mm = _block_views(buffers, alpha2, min(block_rows, stop - start), channels, width)
-            input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, start, np.int64(0), v.shape[1], scratch, v)
+            v, mm, transforms = _block_views(scratch[share], alpha2, block_rows, min(block_rows, stop - start),
+                                             channels, width)
+            input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, start, np.int64(0), v.shape[1],
+                            transforms, v)
             for xi in range(alpha2):
                 filters = u[xi][o_first:o_stop] if transposed else u[xi][:, o_first:o_stop]
                 gemm(v[xi], filters, mm[xi], np.bool_(False), np.float64(0.0), transposed)
             output_transform(mm, a_t, tiles_h, tiles_w, start, o_first, bias, residual, channels_last, lower, upper,
-                             scratch, y)
+                             transforms, y)
 
 
 @njit(**PARALLEL_JIT_OPTIONS)
-def weight_gradient_points(x_nhwc, g_nhwc, b_t, g, m, pad_h, pad_w, tiles_h, tiles_w, block_rows, parts, sums):
+def weight_gradient_points(x_nhwc, g_nhwc, b_t, g, m, pad_h, pad_w, tiles_h, tiles_w, block_rows, parts, scratch,
+                           sums):
     """The weight gradient's sum over all tiles, per point: sums[xi] = sum over the tiles of
     (G g G^T)[xi]^T (B^T d B)[xi], block by block. For each block of at most block_rows
     consecutive tiles: the input tiles transformed by B^T and the m x m tiles of dL/dy by G, the
     tiles split among ``parts`` threads; then the alpha^2 products [O, rows] @ [rows, C], each
     point's on one thread, accumulated into that point's sum.
 
-    Shapes: x_nhwc [N, H, W, C], g_nhwc [N, Ho, Wo, O] -> sums [alpha^2, O, C] (written in place:
+    Shapes: x_nhwc [N, H, W, C], g_nhwc [N, Ho, Wo, O], scratch flat, the block's transformed
+    tiles (_block_views) and then one transform scratch per part (_transform_scratch(alpha^2,
+    max(C, O)) values each) -> sums [alpha^2, O, C] (written in place:
     the first block's products overwrite, beta = 0, and the others add to them, beta = 1, so sums
     needs no zeroing first, which took 0.7 ms of 10.7 at 512 channels).
     Parallel: the transforms over shares of a block's tiles (a tile's transform is its own, however
@@ -408,17 +414,16 @@ def weight_gradient_points(x_nhwc, g_nhwc, b_t, g, m, pad_h, pad_w, tiles_h, til
     alpha2, out_channels, channels = sums.shape
     jobs = x_nhwc.shape[0] * tiles_h * tiles_w
     unpadded = np.int64(0)  # not a literal 0, which would compile input_transform a second time (blas.gemm)
-    buffers = _block_buffers(alpha2, block_rows, channels, out_channels, x_nhwc.dtype)
-    scratch = np.empty((parts, _transform_scratch(alpha2, max(channels, out_channels))), x_nhwc.dtype)
     for start in range(0, jobs, block_rows):
         rows = min(block_rows, jobs - start)
-        v, du = _block_views(buffers, alpha2, rows, channels, out_channels)
+        v, du, transform_scratch = _block_views(scratch, alpha2, block_rows, rows, channels, out_channels)
         for part in prange(parts):
             rows_from, rows_to = _share(rows, parts, part)
-            input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, start, rows_from, rows_to, scratch[part],
-                            v)
-            input_transform(g_nhwc, g, m, unpadded, unpadded, tiles_h, tiles_w, start, rows_from, rows_to,
-                            scratch[part], du)
+            per_part = transform_scratch.shape[0] // parts
+            transforms = transform_scratch[part * per_part:(part + 1) * per_part]
+            input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, start, rows_from, rows_to, transforms, v)
+            input_transform(g_nhwc, g, m, unpadded, unpadded, tiles_h, tiles_w, start, rows_from, rows_to, transforms,
+                            du)
         beta = np.float64(0.0 if start == 0 else 1.0)
         for xi in prange(alpha2):
             gemm(du[xi], v[xi], sums[xi], np.bool_(True), beta, np.bool_(False))
@@ -556,9 +561,11 @@ def winograd_conv2d_forward(x, weight, bias, pad_h, pad_w, m=4, lower=-np.inf, u
                              _config.WINOGRAD_BLOCK_BYTES)
     block_rows = min(block_rows, -(-jobs // tile_shares))
     shortcut = np.empty((0, 0, 0, 0), x.dtype) if residual is None else checked_residual(residual, x.dtype, y.shape)
+    scratch = memory.empty((tile_shares * channel_shares, _block_scratch_values(
+        alpha * alpha, block_rows, channels, -(-out_channels // channel_shares))), x.dtype)
     with threads.single_threaded_blas():
         forward_blocks(x_nhwc, b_t, a_t, u, _reversed, m, pad_h, pad_w, tiles_h, tiles_w, block_rows, tile_shares,
-                       channel_shares, zeros, shortcut, channels_last, lower, upper, y)
+                       channel_shares, zeros, shortcut, channels_last, lower, upper, scratch, y)
     return y.transpose(0, 3, 1, 2) if channels_last else y
 
 
@@ -609,9 +616,12 @@ def winograd_conv2d_backward_weight(grad_out, x, pad_h, pad_w, m=4, grad_out_nhw
     if jobs == 0:  # an empty batch: no block overwrites sums
         return np.zeros((out_channels, channels, 3, 3), x.dtype)
     sums = memory.empty((alpha * alpha, out_channels, channels), x.dtype)
+    parts = _thread_shares(block_rows)
+    scratch = memory.empty((_block_scratch_values(alpha * alpha, block_rows, channels, out_channels)
+                            + (parts - 1) * _transform_scratch(alpha * alpha, max(channels, out_channels)),), x.dtype)
     with threads.single_threaded_blas():
-        weight_gradient_points(x_nhwc, g_nhwc, b_t, g, m, pad_h, pad_w, tiles_h, tiles_w, block_rows,
-                               _thread_shares(block_rows), sums)
+        weight_gradient_points(x_nhwc, g_nhwc, b_t, g, m, pad_h, pad_w, tiles_h, tiles_w, block_rows, parts, scratch,
+                               sums)
     # dW[o, c] = A^T M[o, c] A, with M[o, c] the alpha x alpha points of (o, c): for all (o, c) at
     # once, dW[(o, c), (i, j)] = sum_(a, b) M[(a, b), (o, c)] (A^T kron A^T)[(i, j), (a, b)], one
     # product that writes [O, C, 3, 3] directly (an einsum over the same took 22 ms, this 3 ms, at
