@@ -33,9 +33,12 @@ IM2COL_BUDGET_BYTES = 32 * 1024 * 1024
 # Arrays of at least RECYCLE_MIN_BYTES made by the convolution drivers live on recycled memory
 # (kernels/memory.py): when one dies its pages wait, up to RECYCLE_LIMIT_BYTES in all, for the next
 # request of the same size instead of going back to the kernel and being faulted in again.
-# RECYCLE_LIMIT_BYTES = 0 turns recycling off (plain np.empty).
+# RECYCLE_LIMIT_BYTES = 0 turns recycling off (plain np.empty). The limit holds a training step's
+# arrays: an STFPM ResNet-18 step on 8 x 256 x 256 leaves ~350 MiB idle between steps, and with a
+# limit of 256 MiB the least recently returned were dropped and faulted in again, ~9,000 page faults
+# per step (docs/speed.md).
 RECYCLE_MIN_BYTES = 1024 * 1024
-RECYCLE_LIMIT_BYTES = 256 * 1024 * 1024
+RECYCLE_LIMIT_BYTES = 1024 * 1024 * 1024
 
 # Networks in evaluation mode (frozen backbones and teachers, scoring) run as many images at a time
 # as fit this many bytes of input: one RGB image of 224x224 or 256x256 in float32, ten of 64x64.

@@ -9,11 +9,11 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from . import memory
 from ._config import PARALLEL_JIT_OPTIONS, REDUCTION_JIT_OPTIONS
 from .activation import clamp
 
 
-@njit(**REDUCTION_JIT_OPTIONS)
 def batchnorm2d_train_forward(x, weight, bias, eps, lower=-np.inf, upper=np.inf):
     """Normalise with the batch's own statistics (training mode), optionally then a ReLU.
 
@@ -25,13 +25,25 @@ def batchnorm2d_train_forward(x, weight, bias, eps, lower=-np.inf, upper=np.inf)
           (0, inf) a fused ReLU, (-inf, inf) none).
     Parallel: over channels; each iteration reads and writes only its own channel.
     """
-    batch, channels, height, width = x.shape
-    count = batch * height * width
-    y = np.empty_like(x)
+    channels = x.shape[1]
+    y = memory.empty(x.shape, x.dtype)
     # float64 whatever x is: with a large mean, rounding the mean to float32 would shift every xhat
     # (and the backward pass that reuses it) by up to half an ulp of the mean.
     batch_mean = np.empty(channels, dtype=np.float64)
     batch_var = np.empty(channels, dtype=np.float64)
+    _batchnorm2d_train_forward(x, weight, bias, float(eps), float(lower), float(upper), y, batch_mean, batch_var)
+    return y, batch_mean, batch_var
+
+
+@njit(**REDUCTION_JIT_OPTIONS)
+def _batchnorm2d_train_forward(x, weight, bias, eps, lower, upper, y, batch_mean, batch_var):
+    """batchnorm2d_train_forward into y [N, C, H, W], batch_mean and batch_var [C] float64. Every
+    large output is allocated by the Python driver, on recycled memory (kernels/memory.py): made
+    in the kernel, it was fresh pages from malloc on every call once other code in the process
+    had made glibc hand its heap top back (docs/speed.md, page faults).
+    """
+    batch, channels, height, width = x.shape
+    count = batch * height * width
     for c in prange(channels):
         shift = np.float64(x[0, c, 0, 0])
         total = 0.0
@@ -53,10 +65,8 @@ def batchnorm2d_train_forward(x, weight, bias, eps, lower=-np.inf, upper=np.inf)
                     y[n, c, h, w] = clamp(x[n, c, h, w] * scale + offset, lower, upper)
         batch_mean[c] = mean
         batch_var[c] = var
-    return y, batch_mean, batch_var
 
 
-@njit(**PARALLEL_JIT_OPTIONS)
 def batchnorm2d_eval_forward(x, weight, bias, running_mean, running_var, eps, lower=-np.inf, upper=np.inf):
     """Normalise with stored running statistics (evaluation mode): a per-channel affine map, optionally then a ReLU.
 
@@ -65,8 +75,15 @@ def batchnorm2d_eval_forward(x, weight, bias, running_mean, running_var, eps, lo
           (activation.clamp: (0, inf) a fused ReLU, (-inf, inf) none).
     Parallel: over (n, c) planes, which are disjoint.
     """
+    y = memory.empty(x.shape, x.dtype)
+    _batchnorm2d_eval_forward(x, weight, bias, running_mean, running_var, float(eps), float(lower), float(upper), y)
+    return y
+
+
+@njit(**PARALLEL_JIT_OPTIONS)
+def _batchnorm2d_eval_forward(x, weight, bias, running_mean, running_var, eps, lower, upper, y):
+    """batchnorm2d_eval_forward into y [N, C, H, W] (see _batchnorm2d_train_forward)."""
     batch, channels, height, width = x.shape
-    y = np.empty_like(x)
     for job in prange(batch * channels):
         n = job // channels
         c = job % channels
@@ -75,10 +92,8 @@ def batchnorm2d_eval_forward(x, weight, bias, running_mean, running_var, eps, lo
         for h in range(height):
             for w in range(width):
                 y[n, c, h, w] = clamp(x[n, c, h, w] * scale + offset, lower, upper)
-    return y
 
 
-@njit(**REDUCTION_JIT_OPTIONS)
 def batchnorm2d_backward(grad_out, x, weight, batch_mean, batch_var, eps, activated, lower, upper):
     """Gradients of training-mode batch norm (and a ReLU fused after it) with respect to its input, weight and bias.
 
@@ -95,11 +110,22 @@ def batchnorm2d_backward(grad_out, x, weight, batch_mean, batch_var, eps, activa
               finite value passes, and no other array is read.
     Parallel: over channels; each iteration reads and writes only its own channel.
     """
-    batch, channels, height, width = x.shape
-    count = batch * height * width
-    grad_x = np.empty_like(x)
+    channels = x.shape[1]
+    grad_x = memory.empty(x.shape, x.dtype)
     grad_weight = np.empty(channels, dtype=x.dtype)
     grad_bias = np.empty(channels, dtype=x.dtype)
+    _batchnorm2d_backward(grad_out, x, weight, batch_mean, batch_var, float(eps), activated, float(lower), float(upper),
+                          grad_x, grad_weight, grad_bias)
+    return grad_x, grad_weight, grad_bias
+
+
+@njit(**REDUCTION_JIT_OPTIONS)
+def _batchnorm2d_backward(grad_out, x, weight, batch_mean, batch_var, eps, activated, lower, upper, grad_x,
+                          grad_weight, grad_bias):
+    """batchnorm2d_backward into grad_x [N, C, H, W], grad_weight and grad_bias [C] (see
+    _batchnorm2d_train_forward)."""
+    batch, channels, height, width = x.shape
+    count = batch * height * width
     for c in prange(channels):
         mean = batch_mean[c]
         inv_std = 1.0 / math.sqrt(batch_var[c] + eps)
@@ -122,4 +148,3 @@ def batchnorm2d_backward(grad_out, x, weight, batch_mean, batch_var, eps, activa
                     grad_x[n, c, h, w] = scale * (dy - mean_dy - xhat * mean_dy_xhat)
         grad_weight[c] = sum_dy_xhat
         grad_bias[c] = sum_dy
-    return grad_x, grad_weight, grad_bias

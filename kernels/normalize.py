@@ -5,10 +5,10 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from . import memory
 from ._config import PARALLEL_JIT_OPTIONS
 
 
-@njit(**PARALLEL_JIT_OPTIONS)
 def l2_normalize_channels_forward(x, eps):
     """Scale the channel vector at every position to unit length.
 
@@ -17,8 +17,17 @@ def l2_normalize_channels_forward(x, eps):
     Parallel: over (n, h) rows of positions; each writes only its own positions.
     """
     batch, channels, height, width = x.shape
-    y = np.empty_like(x)
-    norm = np.empty((batch, height, width), dtype=np.float64)
+    y = memory.empty(x.shape, x.dtype)
+    norm = memory.empty((batch, height, width), np.float64)
+    _l2_normalize_channels_forward(x, float(eps), y, norm)
+    return y, norm
+
+
+@njit(**PARALLEL_JIT_OPTIONS)
+def _l2_normalize_channels_forward(x, eps, y, norm):
+    """l2_normalize_channels_forward into y [N, C, H, W] and norm [N, H, W] float64, allocated by
+    the Python driver on recycled memory (kernels/memory.py; see batchnorm's kernels)."""
+    batch, channels, height, width = x.shape
     for job in prange(batch * height):
         n = job // height
         h = job % height
@@ -31,10 +40,8 @@ def l2_normalize_channels_forward(x, eps):
             scale = 1.0 / max(length, eps)
             for c in range(channels):
                 y[n, c, h, w] = x[n, c, h, w] * scale
-    return y, norm
 
 
-@njit(**PARALLEL_JIT_OPTIONS)
 def l2_normalize_channels_backward(grad_out, y, norm, eps):
     """Gradient of the loss with respect to the input of the channel-wise L2 normalisation.
 
@@ -44,8 +51,15 @@ def l2_normalize_channels_backward(grad_out, y, norm, eps):
               where |x| <= eps, y = x / eps and dL/dx = dL/dy / eps.
     Parallel: over (n, h) rows of positions.
     """
+    grad_x = memory.empty(grad_out.shape, grad_out.dtype)
+    _l2_normalize_channels_backward(grad_out, y, norm, float(eps), grad_x)
+    return grad_x
+
+
+@njit(**PARALLEL_JIT_OPTIONS)
+def _l2_normalize_channels_backward(grad_out, y, norm, eps, grad_x):
+    """l2_normalize_channels_backward into grad_x [N, C, H, W] (see _l2_normalize_channels_forward)."""
     batch, channels, height, width = grad_out.shape
-    grad_x = np.empty_like(grad_out)
     for job in prange(batch * height):
         n = job // height
         h = job % height
@@ -60,4 +74,3 @@ def l2_normalize_channels_backward(grad_out, y, norm, eps):
                 along += np.float64(y[n, c, h, w]) * grad_out[n, c, h, w]
             for c in range(channels):
                 grad_x[n, c, h, w] = (grad_out[n, c, h, w] - y[n, c, h, w] * along) / length
-    return grad_x

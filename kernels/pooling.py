@@ -14,6 +14,7 @@ loop serial, whatever it holds.)
 import numpy as np
 from numba import njit, prange
 
+from . import memory
 from ._config import JIT_OPTIONS, PARALLEL_JIT_OPTIONS
 
 MAX_FORWARD, MAX_BACKWARD, AVG_FORWARD, AVG_BACKWARD = 0, 1, 2, 3
@@ -35,12 +36,14 @@ def _window(out_index, kernel, stride, pad, size):
 def _max_forward_plane(x, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, y, argmax):
     """Largest value of each window; padding never wins (it counts as -inf).
 
-    Shapes: x [H, W] -> y [Ho, Wo], argmax [Ho, Wo] int64 (written in place).
+    Shapes: x [H, W] -> y [Ho, Wo], argmax [Ho, Wo] int64 or [0, 0] (not wanted: evaluation),
+    written in place.
     Math: y = max over the window's in-image elements; argmax = ih*W + iw of the first maximum in
           row-major window order (torch's tie rule), the index backward routes the gradient to.
     """
     height, width = x.shape
     out_h, out_w = y.shape
+    with_argmax = argmax.shape[0] > 0
     for oh in range(out_h):
         h0, h1 = _window(oh, kernel_h, stride_h, pad_h, height)
         for ow in range(out_w):
@@ -53,7 +56,8 @@ def _max_forward_plane(x, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, 
                         best = x[ih, iw]
                         best_index = ih * width + iw
             y[oh, ow] = best
-            argmax[oh, ow] = best_index
+            if with_argmax:
+                argmax[oh, ow] = best_index
 
 
 @njit(**JIT_OPTIONS)
@@ -159,16 +163,19 @@ def _no_indices(x):
     return np.empty((x.shape[0], x.shape[1], 0, 0), np.int64)
 
 
-def max_pool2d_forward(x, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w):
+def max_pool2d_forward(x, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, with_argmax=True):
     """Max pooling: (y [N, C, Ho, Wo], argmax [N, C, Ho, Wo] int64), argmax = ih*W + iw of each
-    window's first maximum (_max_forward_plane)."""
+    window's first maximum (_max_forward_plane); argmax None unless with_argmax (evaluation:
+    only the backward pass reads it, and it is twice y's size in memory). y and argmax are on
+    recycled memory (kernels/memory.py)."""
     x = np.ascontiguousarray(x)
     batch, channels, height, width = x.shape
     shape = (batch, channels, pool2d_output_size(height, kernel_h, stride_h, pad_h),
              pool2d_output_size(width, kernel_w, stride_w, pad_w))
-    argmax = np.empty(shape, np.int64)
-    y = _run(MAX_FORWARD, x, argmax, np.empty(shape, x.dtype), (kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w))
-    return y, argmax
+    argmax = memory.empty(shape, np.int64) if with_argmax else _no_indices(x)
+    y = _run(MAX_FORWARD, x, argmax, memory.empty(shape, x.dtype),
+             (kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w))
+    return y, (argmax if with_argmax else None)
 
 
 def max_pool2d_backward_input(grad_out, argmax, in_h, in_w):
@@ -177,7 +184,7 @@ def max_pool2d_backward_input(grad_out, argmax, in_h, in_w):
     grad_out, argmax = np.ascontiguousarray(grad_out), np.ascontiguousarray(argmax, np.int64)
     if argmax.shape != grad_out.shape or grad_out.ndim != 4:
         raise ValueError(f"argmax must have grad_out's shape [N, C, Ho, Wo] {grad_out.shape}, got {argmax.shape}")
-    grad_x = np.empty((*grad_out.shape[:2], in_h, in_w), grad_out.dtype)
+    grad_x = memory.empty((*grad_out.shape[:2], in_h, in_w), grad_out.dtype)
     return _run(MAX_BACKWARD, grad_out, argmax, grad_x)
 
 

@@ -805,7 +805,8 @@ class MaxPool2d(_Pool2d):
     """Max pooling, as torch.nn.MaxPool2d (dilation 1, floor mode)."""
 
     def _forward(self, x):
-        y, argmax = self.kernels.max_pool2d_forward(x, *self._kernel, *self._stride, *self._padding)
+        y, argmax = self.kernels.max_pool2d_forward(x, *self._kernel, *self._stride, *self._padding,
+                                                    with_argmax=self.training)
         self._save(y, argmax, x.shape)
         return y
 
