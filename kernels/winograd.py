@@ -250,7 +250,7 @@ def output_transform(mm, a_t, tiles_h, tiles_w, first, o_first, bias, residual, 
     """
     out_h = y.shape[1] if channels_last else y.shape[2]
     out_w = y.shape[2] if channels_last else y.shape[3]
-    alpha2, rows, out_channels = mm.shape
+    _, rows, out_channels = mm.shape
     m, alpha = a_t.shape
     no = np.bool_(False)
     overwrite = np.float64(0.0)
