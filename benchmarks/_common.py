@@ -74,6 +74,12 @@ def median_times(functions, repeats, warm_up=True):
     Taking turns spreads a noisy machine's slow stretches (another tenant, the kernel compacting
     memory for huge pages) over every contender; timing all runs of one before the other let a
     single stretch swing a ratio by 2x here.
+    Only the contenders (npanomaly and its peer) take turns; the scripts time their floors (a
+    design's bare matrix products) in turns of their own, after. In the contenders' turns a floor
+    ran NumPy's threaded products right before every npanomaly run and before no torch run, an
+    order no user program has: its BLAS threads still held the cores when npanomaly started
+    (bench_layers.py, ResNet-18 128 @28 backward: 1.06-1.13x torch with the floor in the turns,
+    0.73-0.76x without).
     """
     if warm_up:
         for function in functions:

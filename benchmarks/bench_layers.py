@@ -105,8 +105,8 @@ def main():
     rows = []
 
     def compare(name, ours, theirs, floor=None):
-        contenders = [ours, theirs] + ([] if floor is None else [floor])
-        t_ours, t_torch, *t_floor = median_times(contenders, ARGS.repeats)
+        t_ours, t_torch = median_times([ours, theirs], ARGS.repeats)
+        t_floor = [] if floor is None else median_times([floor], ARGS.repeats)  # not in the contenders' turns
         rows.append((name, t_ours, t_torch))
         line = f"{name:<44} {t_ours * 1e3:9.2f} ms {t_torch * 1e3:9.2f} ms   {t_ours / t_torch:5.2f}x"
         if floor is not None:
