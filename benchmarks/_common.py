@@ -94,11 +94,12 @@ def median_times(functions, repeats, warm_up=True):
 
 
 def winograd_products(points, tiles, channels, out_channels, rng):
-    """A function running only the products of a Winograd convolution's tiles, [tiles, C] @ [C, O]
-    at each of the ``points`` transform points, on inputs transformed beforehand, the way
-    kernels.winograd_conv2d_forward runs them: each thread its share of the tiles (or, with few
-    tiles, of the output channels), in blocks, gemm on that thread. Its time is the floor of the
-    Winograd design (no transforms)."""
+    """A function running only the products of a Winograd convolution's tiles, M = U V^T with U
+    [O, C] and V [tiles, C], at each of the ``points`` transform points, on inputs transformed
+    beforehand, the way kernels.winograd_conv2d_forward runs them: each thread its share of the
+    tiles (or, with few tiles, of the output channels), in blocks whose M [O', rows] lies in that
+    thread's scratch, gemm on that thread. Its time is the floor of the Winograd design (no
+    transforms)."""
     import numba
     import numpy as np
 
@@ -106,26 +107,29 @@ def winograd_products(points, tiles, channels, out_channels, rng):
     from npanomaly.kernels import _config, blas, conv, winograd
 
     v = rng.random((points, tiles, channels), dtype=np.float32)
-    u = rng.random((points, channels, out_channels), dtype=np.float32)
+    u = rng.random((points, out_channels, channels), dtype=np.float32)
     alpha = int(round(points ** 0.5))
     tile_shares, channel_shares = winograd._forward_shares(tiles, out_channels, numba.get_num_threads())
-    out = np.empty((points, tiles, out_channels), np.float32)
     block_rows = winograd._block_rows(alpha, channels + out_channels // channel_shares, 4,
                                       _config.WINOGRAD_BLOCK_BYTES)
     block_rows = min(block_rows, -(-tiles // tile_shares))
+    scratch = np.empty((tile_shares * channel_shares, points * block_rows * -(-out_channels // channel_shares)),
+                       np.float32)
 
     @numba.njit(parallel=True)
-    def products(v, u, out, tile_shares, channel_shares, block_rows):
+    def products(v, u, scratch, tile_shares, channel_shares, block_rows):
         for share in numba.prange(tile_shares * channel_shares):
             first, stop = conv._share(tiles, tile_shares, share // channel_shares)
-            o_first, o_stop = conv._share(u.shape[2], channel_shares, share % channel_shares)
+            o_first, o_stop = conv._share(u.shape[1], channel_shares, share % channel_shares)
             for start in range(first, stop, block_rows):
                 rows = min(block_rows, stop - start)
+                out = scratch[share, :v.shape[0] * (o_stop - o_first) * rows].reshape((v.shape[0], o_stop - o_first,
+                                                                                       rows))
                 for xi in range(v.shape[0]):
-                    blas.gemm(v[xi, start:start + rows], u[xi][:, o_first:o_stop],
-                              out[xi, start:start + rows, o_first:o_stop])
+                    blas.gemm(u[xi][o_first:o_stop], v[xi, start:start + rows], out[xi], np.bool_(False),
+                              np.float64(0.0), np.bool_(True))
 
     def run():
         with threads.single_threaded_blas():
-            products(v, u, out, tile_shares, channel_shares, block_rows)
+            products(v, u, scratch, tile_shares, channel_shares, block_rows)
     return run

@@ -78,7 +78,7 @@ def floors(backbone, images, stage):
     """Two functions: the GEMMs backbone.features(images, [stage]) makes for its dense convolutions
     (shapes recorded from one real pass) with nothing else, and the same plus the im2col unfolding
     of every convolution that needs one (into buffers allocated beforehand). A convolution that ran
-    by Winograd counts its (m+2)^2 products [tiles, C] @ [C, O] instead (no transforms). No batch norm,
+    by Winograd counts its (m+2)^2 products [O, C] @ [C, tiles] instead (no transforms). No batch norm,
     no activations, no depthwise convolutions: both are lower bounds for this design."""
     from npanomaly import kernels
     from npanomaly.kernels.conv import conv2d_output_size, im2col

@@ -49,7 +49,7 @@ RECYCLE_LIMIT_BYTES = 1024 * 1024 * 1024
 # 181-192 ms, EfficientNet-Lite0 unchanged. Training runs whole batches (batch statistics).
 EVAL_CHUNK_BYTES = 512 * 1024
 # A network with Winograd convolutions (nn.Conv2d's "auto" rule) runs eight 224 x 224 RGB images at a
-# time instead: its 36 products per layer are [tiles, C] @ [C, O], too narrow for BLAS with one
+# time instead: its 36 products per layer are [O, C] @ [C, tiles], too narrow for BLAS with one
 # image's tiles. Measured with torch imported first, batch 8 x 224^2: ResNet-18 to layer3 320 ->
 # 205 ms and wide_resnet50_2 to layer3 1714 -> 1110 ms against one image at a time (EfficientNet-Lite0,
 # which has no dense 3x3 stride-1 convolutions, keeps the small chunks: 101 against 151 ms).

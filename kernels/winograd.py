@@ -49,7 +49,11 @@ of the small transform matrix with a long matrix of all the tiles' and channels'
 cache, and each block runs start to end on one thread of a parallel loop: input transform, the
 alpha^2 products (OpenBLAS's gemm called from the kernel on that thread, kernels/blas.py, which
 says why), output transform. Where there are fewer tiles than a block per thread (ResNet's 7 x 7
-stage), every thread runs every tile instead, for its share of the output channels.
+stage), every thread runs every tile instead, for its share of the output channels. The products
+write each M[xi] as [O, tiles] (U [O, C] times the transpose of the block's V [tiles, C]), so that
+each channel's tiles are contiguous and the output transform's last product leaves each output
+row's values in the image's own order: the stores into [N, O, Ho, Wo] then run along image rows
+(output_transform says what that saved).
 
 Larger m means fewer products but larger transform coefficients (up to 8 and 1/24 for m = 4): the
 float32 error grows with m (measured in docs/speed.md).
@@ -117,52 +121,53 @@ def transform_matrices(m, r=3):
 
 @njit(**JIT_OPTIONS)
 def filter_transform(weight, g, rotated, u):
-    """U[xi, c, o] = (G w[o, c] G^T)[xi // alpha, xi % alpha]: the transformed filters. When
+    """U[xi, o, c] = (G w[o, c] G^T)[xi // alpha, xi % alpha]: the transformed filters. When
     rotated, those of the input gradient's convolution instead, whose filters are w'[c, o] = w[o, c]
-    turned by 180 degrees (winograd_conv2d_backward_input): U[xi, o, c] = (G w'[c, o] G^T)[...],
+    turned by 180 degrees (winograd_conv2d_backward_input): U[xi, c, o] = (G w'[c, o] G^T)[...],
     w'[c, o, i, j] = w[o, c, 2 - i, 2 - j].
 
-    Shapes: weight [O, C, 3, 3], g [alpha, 3] -> u [alpha^2, C, O], or [alpha^2, O, C] when
-    rotated (written in place).
-    For each input channel of the convolution U is for, its filter taps are first gathered into
-    a [3, 3, outputs] slab, so that the transform's inner loops run along the output channels
+    Shapes: weight [O, C, 3, 3], g [alpha, 3] -> u [alpha^2, O, C], or [alpha^2, C, O] when
+    rotated (written in place): each point's matrix is [outputs, inputs] of the convolution U is
+    for, the left operand of forward_blocks' products.
+    For each output channel of the convolution U is for, its filter taps are first gathered into
+    a [3, 3, inputs] slab, so that the transform's inner loops run along the input channels
     (contiguous, vectorised). Gathering in place replaces transposed NumPy copies of the whole
     bank (and, for the input gradient, a rotated copy first), which took longer than the transform:
     at 512 x 512 x 3 x 3, F(2x2), 11.5 ms became 7.5 ms (rotated: 14.6 ms), of which the gather is
-    2-2.5 ms, and 4.2 ms with G in the data's dtype (_matrices). (Gathering 8 input channels at a
+    2-2.5 ms, and 4.2 ms with G in the data's dtype (_matrices). (Gathering 8 channels at a
     time, to read 72 consecutive taps instead of 9, was slower: 10.7-11.4 ms.)
     Serial: a frozen layer runs it once (Conv2d caches U in evaluation mode), and a parallel loop
     took 3 s more of compile time (measured: 30.4 against 27.6 s for the cold compile of all
     kernels, whose budget is 30 s).
     """
     alpha = g.shape[0]
-    inputs, outputs = u.shape[1], u.shape[2]
-    taps = np.empty((3, 3, outputs), dtype=u.dtype)
-    left = np.empty((alpha, 3, outputs), dtype=u.dtype)
-    for c in range(inputs):
-        for o in range(outputs):
+    outputs, inputs = u.shape[1], u.shape[2]
+    taps = np.empty((3, 3, inputs), dtype=u.dtype)
+    left = np.empty((alpha, 3, inputs), dtype=u.dtype)
+    for o in range(outputs):
+        for c in range(inputs):
             for i in range(3):
                 for j in range(3):
-                    taps[i, j, o] = weight[c, o, 2 - i, 2 - j] if rotated else weight[o, c, i, j]
+                    taps[i, j, c] = weight[c, o, 2 - i, 2 - j] if rotated else weight[o, c, i, j]
         for a in range(alpha):  # left = G w
             for j in range(3):
-                for o in range(outputs):  # a loop: slice assignment compiles to far more code
-                    left[a, j, o] = 0.0
+                for c in range(inputs):  # a loop: slice assignment compiles to far more code
+                    left[a, j, c] = 0.0
                 for i in range(3):
                     coefficient = g[a, i]
                     if coefficient != 0.0:
-                        for o in range(outputs):
-                            left[a, j, o] += coefficient * taps[i, j, o]
+                        for c in range(inputs):
+                            left[a, j, c] += coefficient * taps[i, j, c]
         for a in range(alpha):  # (G w) G^T
             for b in range(alpha):
                 point = a * alpha + b
-                for o in range(outputs):
-                    u[point, c, o] = 0.0
+                for c in range(inputs):
+                    u[point, o, c] = 0.0
                 for j in range(3):
                     coefficient = g[b, j]
                     if coefficient != 0.0:
-                        for o in range(outputs):
-                            u[point, c, o] += coefficient * left[a, j, o]
+                        for c in range(inputs):
+                            u[point, o, c] += coefficient * left[a, j, c]
 
 
 @njit(**JIT_OPTIONS)
@@ -227,67 +232,80 @@ def input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, first, rows_
 def output_transform(mm, a_t, tiles_h, tiles_w, first, o_first, bias, residual, channels_last, lower, upper,
                      scratch, y):
     """y[n, o_first + o, th*m + i, tw*m + j] = clamp((A^T M A)[i, j] + bias[o_first + o] (+ the
-    same element of residual)) for the points M[:, row, o] of tile job = first + row (numbered as
+    same element of residual)) for the points M[:, o, row] of tile job = first + row (numbered as
     in input_transform), dropping the positions of the last tiles that fall outside the output.
 
-    Shapes: mm [alpha^2, rows, O'] (one block of consecutive tiles, output channels o_first to
-    o_first + O'), a_t [m, alpha], bias [O], residual [N, O, Ho, Wo] or [0, 0, 0, 0] (none: a
-    residual block's shortcut, added before the clamp), scratch at least
-    _transform_scratch(alpha^2, O') values -> y [N, O, Ho, Wo], or [N, Ho, Wo, O] when
+    Shapes: mm [alpha^2, O', rows] (one block of consecutive tiles, output channels o_first to
+    o_first + O', each channel's tiles contiguous), a_t [m, alpha], bias [O], residual [N, O, Ho,
+    Wo] or [0, 0, 0, 0] (none: a residual block's shortcut, added before the clamp), scratch at
+    least _transform_scratch(alpha^2, rows) values -> y [N, O, Ho, Wo], or [N, Ho, Wo, O] when
     channels_last (then without a residual), written in place at this block's tiles and channels
     only.
-    Steps, for chunks of the rows as in input_transform (M[a, b] below is point a * alpha + b):
-      1. for each b, P[:, b] = A^T M[:, b]: [m, alpha] @ [alpha, rows * O'], so that
-         P[i, b] = (A^T M)[i, b] of every tile and channel;
-      2. for each i, Y[i, j] = (P[i] A)[j], i.e. A^T P[i]: [m, alpha] @ [alpha, rows * O'];
-      3. each output pixel's O' values of Y[i, j] + bias (+ residual), clamped, stored along the
-         channels (channels-last: the next Winograd layer reads them without a copy) or across
-         the channel planes.
-    The products are gemm calls on this thread (see input_transform for why): 64 @56, one thread,
-    3.8 -> 3.2-3.4 ms, or 2.7 -> 1.7 ms channels-last; 128 @28 1.75 -> 1.5 ms (1.1 -> 0.95).
+    Steps, for chunks of the channels of about TRANSFORM_CHUNK_VALUES channel-tiles each (so that
+    what a chunk writes and reads again stays in the core's first caches; M[a, b] below is point
+    a * alpha + b):
+      1. for each b, P[:, b] = A^T M[:, b]: [m, alpha] @ [alpha, O'' * rows], so that
+         P[i, b] = (A^T M)[i, b] of every channel and tile;
+      2. for each i, Y[i] = P[i]^T A: [O'' * rows, alpha] @ [alpha, m], i.e. row (o, tile) of Y[i]
+         holds the m outputs (A^T M A)[i, :] of that tile: each channel's outputs of image row
+         th*m + i lie in Y[i] in the order of the image row, m per tile, tile after tile;
+      3. for each channel and each run of the block's tiles along one tile row, that stretch of
+         Y[i] + bias (+ residual), clamped, stored as one stretch of the output row; or, when
+         channels_last, each output pixel's values gathered across the channels.
+    Why this order: with the tiles of each channel contiguous (the products write M as U^T V^T,
+    forward_blocks), step 2's product leaves the outputs in the output's own row order, so the
+    stores run along image rows; from M [alpha^2, rows, O'] (which it was) each pixel's channels
+    went to O' different planes, and the stores took more time than the two products
+    (ResNet-18's 64 @56, batch 8, 2 threads: the whole convolution 4.7-5.1 -> 3.7-3.9 ms).
     Math: clamp as add_channel_bias: (lower, upper) = (0, inf) is a fused ReLU.
     Serial: called for one block by one thread of the callers' parallel loops.
     """
     out_h = y.shape[1] if channels_last else y.shape[2]
     out_w = y.shape[2] if channels_last else y.shape[3]
-    _, rows, out_channels = mm.shape
+    _, out_channels, rows = mm.shape
     m, alpha = a_t.shape
-    no = np.bool_(False)
+    no, yes = np.bool_(False), np.bool_(True)
     overwrite = np.float64(0.0)
-    by_point = mm.reshape((alpha, alpha, rows * out_channels))  # [a, b, (row, o)]
+    by_point = mm.reshape((alpha, alpha, out_channels * rows))  # [a, b, (o, row)]
     tiles = tiles_h * tiles_w
-    chunk = max(1, TRANSFORM_CHUNK_VALUES // out_channels)
-    for start in range(0, rows, chunk):
-        stop = min(start + chunk, rows)
-        values = (stop - start) * out_channels
+    chunk = max(1, TRANSFORM_CHUNK_VALUES // rows)
+    for start in range(0, out_channels, chunk):
+        stop = min(start + chunk, out_channels)
+        values = (stop - start) * rows
         partial = scratch[:m * alpha * values].reshape((m, alpha, values))
-        result = scratch[m * alpha * values:m * (alpha + 1) * values].reshape((m, stop - start, out_channels))
+        result = scratch[m * alpha * values:m * (alpha + 1) * values].reshape((stop - start, rows * m))
         for b in range(alpha):
-            gemm(a_t, by_point[:, b, start * out_channels:stop * out_channels], partial[:, b], no, overwrite, no)
+            gemm(a_t, by_point[:, b, start * rows:stop * rows], partial[:, b], no, overwrite, no)
         for i in range(m):
-            gemm(a_t, partial[i], result.reshape((m, values)), no, overwrite, no)  # result[j] = Y[i, j]
-            for row in range(start, stop):
+            gemm(partial[i], a_t, result.reshape((values, m)), yes, overwrite, yes)  # result[o, row*m + j] = Y[i, j]
+            row = 0
+            while row < rows:  # one run of tiles along a tile row at a time
                 job = first + row
                 n = job // tiles
                 th = (job % tiles) // tiles_w
                 tw = job % tiles_w
+                run = min(rows - row, tiles_w - tw)
                 h = th * m + i
-                if h >= out_h:
-                    continue
-                for j in range(min(m, out_w - tw * m)):
-                    w = tw * m + j
-                    sums = result[j, row - start]
-                    if channels_last:
-                        pixel = y[n, h, w]
-                        for o in range(out_channels):
-                            pixel[o_first + o] = clamp(sums[o] + bias[o_first + o], lower, upper)
-                    elif residual.shape[0] == 0:
-                        for o in range(out_channels):
-                            y[n, o_first + o, h, w] = clamp(sums[o] + bias[o_first + o], lower, upper)
-                    else:
-                        for o in range(out_channels):
-                            y[n, o_first + o, h, w] = clamp(sums[o] + bias[o_first + o]
-                                                            + residual[n, o_first + o, h, w], lower, upper)
+                w_first = tw * m
+                width = min(run * m, out_w - w_first)
+                if h < out_h:
+                    for o in range(start, stop):
+                        channel = o_first + o
+                        shift = bias[channel]
+                        stretch = result[o - start, row * m:row * m + width]
+                        if channels_last:
+                            for k in range(width):
+                                y[n, h, w_first + k, channel] = clamp(stretch[k] + shift, lower, upper)
+                        elif residual.shape[0] == 0:
+                            target = y[n, channel, h, w_first:w_first + width]
+                            for k in range(width):
+                                target[k] = clamp(stretch[k] + shift, lower, upper)
+                        else:
+                            target = y[n, channel, h, w_first:w_first + width]
+                            shortcut = residual[n, channel, h, w_first:w_first + width]
+                            for k in range(width):
+                                target[k] = clamp(stretch[k] + shift + shortcut[k], lower, upper)
+                row += run
 
 
 @njit(**PARALLEL_JIT_OPTIONS)
@@ -323,25 +341,29 @@ def _channels_last(x):
 
 
 @njit(**JIT_OPTIONS)
-def _transform_scratch(alpha2, channels):
+def _transform_scratch(alpha2, unit):
     """How many values of scratch input_transform and output_transform need at most, for alpha^2
-    points and ``channels`` channels (input or output): a chunk of at most
-    max(TRANSFORM_CHUNK_VALUES, channels) tile-channels, unfolded (alpha^2 values each) and once
+    points and chunks of ``unit`` values or more (input_transform's chunks are whole tiles of C
+    channels, output_transform's whole channels of a block's rows): a chunk of at most
+    max(TRANSFORM_CHUNK_VALUES, unit) values, unfolded (alpha^2 values each) and once
     transformed (alpha^2 again)."""
-    return 2 * alpha2 * max(TRANSFORM_CHUNK_VALUES, channels)
+    return 2 * alpha2 * max(TRANSFORM_CHUNK_VALUES, unit)
 
 
 def _block_scratch_values(alpha2, block_rows, channels, out_channels):
     """The values of one thread's scratch in forward_blocks (the block's transformed tiles of both
-    sides, then the transforms' own scratch): what _block_views cuts it into."""
-    return alpha2 * block_rows * (channels + out_channels) + _transform_scratch(alpha2, max(channels, out_channels))
+    sides, then the transforms' own scratch, which between the transforms also holds one point's
+    products tile by tile, [rows, O], where forward_blocks reads its filters inputs-major): what
+    _block_views cuts it into."""
+    return (alpha2 * block_rows * (channels + out_channels)
+            + max(_transform_scratch(alpha2, max(channels, out_channels, block_rows)), block_rows * out_channels))
 
 
 @njit(**JIT_OPTIONS)
 def _block_views(scratch, alpha2, block_rows, rows, channels, out_channels):
     """A block's V [alpha2, rows, C] and M [alpha2, rows, O] (C-contiguous, so each kernel compiles
-    once) and the transforms' scratch, cut from a flat scratch of _block_scratch_values(alpha2,
-    block_rows, C, O) values or more. The scratch comes from the Python driver, on recycled memory
+    once; forward_blocks reshapes M to [alpha2, O, rows]) and the transforms' scratch, cut from a
+    flat scratch of _block_scratch_values(alpha2, block_rows, C, O) values or more. The scratch comes from the Python driver, on recycled memory
     (kernels/memory.py): allocated in the kernels, it was fresh pages on every call once other
     code in the process had made glibc hand its heap top back (page faults: see docs/speed.md)."""
     outputs = alpha2 * block_rows * channels
@@ -352,15 +374,15 @@ def _block_views(scratch, alpha2, block_rows, rows, channels, out_channels):
 
 
 @njit(**PARALLEL_JIT_OPTIONS)
-def forward_blocks(x_nhwc, b_t, a_t, u, transposed, m, pad_h, pad_w, tiles_h, tiles_w, block_rows, tile_shares,
+def forward_blocks(x_nhwc, b_t, a_t, u, inputs_major, m, pad_h, pad_w, tiles_h, tiles_w, block_rows, tile_shares,
                    channel_shares, bias, residual, channels_last, lower, upper, scratch, y):
     """The Winograd forward pass of every tile, block by block: for each block of at most
-    block_rows consecutive tiles, V = input_transform, M[xi] = V[xi] @ U[xi] for each of the
-    alpha^2 points (gemm, on this thread), then output_transform into y.
+    block_rows consecutive tiles, V = input_transform, M[xi] = U[xi]^T V[xi]^T for each of the
+    alpha^2 points (gemm, on this thread; M [O', rows] holds each channel's tiles contiguous, the
+    order output_transform stores fastest from), then output_transform into y.
 
-    Shapes: x_nhwc [N, H, W, C], u [alpha^2, C, O] (or, when transposed, [alpha^2, O, C], each
-    point's matrix read as its transpose: the forward pass's filters reused by the input gradient,
-    winograd_conv2d_backward_input), bias [O], residual [N, O, Ho, Wo] or [0, 0, 0, 0] (none; see
+    Shapes: x_nhwc [N, H, W, C], u [alpha^2, O, C] (or, when inputs_major, [alpha^2, C, O]: the
+    forward pass's filters reused by its input gradient, winograd_conv2d_backward_input), bias [O], residual [N, O, Ho, Wo] or [0, 0, 0, 0] (none; see
     output_transform), scratch [tile_shares * channel_shares, values] (a row per share,
     _block_views) -> y [N, O, Ho, Wo], or [N, Ho, Wo, O] when channels_last (in place).
     Parallel: over tile_shares x channel_shares shares, one per thread: contiguous shares of the
@@ -372,7 +394,8 @@ def forward_blocks(x_nhwc, b_t, a_t, u, transposed, m, pad_h, pad_w, tiles_h, ti
     transforms the block's input tiles itself, a small cost there.
     """
     alpha2 = u.shape[0]
-    channels, out_channels = (u.shape[2], u.shape[1]) if transposed else (u.shape[1], u.shape[2])
+    out_channels, channels = (u.shape[2], u.shape[1]) if inputs_major else (u.shape[1], u.shape[2])
+    no, yes, overwrite = np.bool_(False), np.bool_(True), np.float64(0.0)
     jobs = x_nhwc.shape[0] * tiles_h * tiles_w
     for share in prange(tile_shares * channel_shares):
         first, stop = _share(jobs, tile_shares, share // channel_shares)
@@ -381,13 +404,23 @@ def forward_blocks(x_nhwc, b_t, a_t, u, transposed, m, pad_h, pad_w, tiles_h, ti
         if width == 0 or stop == first:  # more shares than channels or tiles
             continue
         for start in range(first, stop, block_rows):
-            v, mm, transforms = _block_views(scratch[share], alpha2, block_rows, min(block_rows, stop - start),
-                                             channels, width)
-            input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, start, np.int64(0), v.shape[1],
-                            transforms, v)
+            rows = min(block_rows, stop - start)
+            v, mm, transforms = _block_views(scratch[share], alpha2, block_rows, rows, channels, width)
+            mm = mm.reshape((alpha2, width, rows))
+            input_transform(x_nhwc, b_t, m, pad_h, pad_w, tiles_h, tiles_w, start, np.int64(0), rows, transforms, v)
             for xi in range(alpha2):
-                filters = u[xi][o_first:o_stop] if transposed else u[xi][:, o_first:o_stop]
-                gemm(v[xi], filters, mm[xi], np.bool_(False), np.float64(0.0), transposed)
+                if inputs_major:
+                    # U^T V^T would be gemm's TT case, which gave wrong results here when two threads
+                    # ran it at once (OpenBLAS 0.3.31's AVX-512 kernels; docs/speed.md): V U tile by
+                    # tile instead, turned to M's layout in the core's cache.
+                    by_tile = transforms[:rows * width].reshape((rows, width))
+                    gemm(v[xi], u[xi][:, o_first:o_stop], by_tile, no, overwrite, no)
+                    products = mm[xi]
+                    for o in range(width):
+                        for row in range(rows):
+                            products[o, row] = by_tile[row, o]
+                else:
+                    gemm(u[xi][o_first:o_stop], v[xi], mm[xi], no, overwrite, yes)
             output_transform(mm, a_t, tiles_h, tiles_w, start, o_first, bias, residual, channels_last, lower, upper,
                              transforms, y)
 
@@ -525,13 +558,13 @@ def _reversed_matrices(m, dtype):
 
 
 def winograd_filters(weight, m=4, rotated=False):
-    """The transformed filters U [alpha^2, C, O] of weight [O, C, 3, 3] for F(m x m, 3 x 3); when
-    rotated, U [alpha^2, O, C] of the input gradient's filters (filter_transform)."""
+    """The transformed filters U [alpha^2, O, C] of weight [O, C, 3, 3] for F(m x m, 3 x 3); when
+    rotated, U [alpha^2, C, O] of the input gradient's filters (filter_transform)."""
     weight = np.ascontiguousarray(weight)
     out_channels, channels = weight.shape[:2]
     _, g, _ = _matrices(m, weight.dtype)
-    inputs, outputs = (out_channels, channels) if rotated else (channels, out_channels)
-    u = memory.empty(((m + 2) ** 2, inputs, outputs), weight.dtype)
+    outputs, inputs = (channels, out_channels) if rotated else (out_channels, channels)
+    u = memory.empty(((m + 2) ** 2, outputs, inputs), weight.dtype)
     filter_transform(weight, g, rotated, u)
     return u
 
@@ -563,7 +596,7 @@ def winograd_conv2d_forward(x, weight, bias, pad_h, pad_w, m=4, lower=-np.inf, u
         raise ValueError("channels_last: a residual is added to an [N, O, Ho, Wo] output only")
     batch, channels, height, width = x.shape
     u = winograd_filters(weight, m) if filters is None else filters
-    out_channels = u.shape[1] if _reversed else u.shape[2]
+    out_channels = u.shape[2] if _reversed else u.shape[1]
     out_h = conv2d_output_size(height, 3, 1, pad_h)
     out_w = conv2d_output_size(width, 3, 1, pad_w)
     a_t, _, b_t = _matrices(m, x.dtype)
@@ -661,8 +694,8 @@ def winograd_conv2d_backward_input(grad_out, weight, pad_h, pad_w, m=4, grad_out
     is skipped (at 512 x 512 channels 4.6 of its 12.7 ms at 8 x 7 x 7); ignored for F(4x4).
     """
     if forward_filters is not None and _reversed_matrices(m, grad_out.dtype) is not None:
-        return winograd_conv2d_forward(grad_out, None, None, 2 - pad_h, 2 - pad_w, m, filters=forward_filters,
-                                       x_nhwc=grad_out_nhwc, _reversed=True)
+        return winograd_conv2d_forward(grad_out, None, None, 2 - pad_h, 2 - pad_w, m,
+                                       filters=forward_filters, x_nhwc=grad_out_nhwc, _reversed=True)
     rotated = winograd_filters(weight, m, rotated=True)  # U of weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)
     return winograd_conv2d_forward(grad_out, None, None, 2 - pad_h, 2 - pad_w, m, filters=rotated,
                                    x_nhwc=grad_out_nhwc)

@@ -37,15 +37,16 @@ def test_the_transforms_are_lavin_and_grays_and_compute_a_correlation():
 
 @pytest.mark.parametrize("m", [2, 4])
 def test_filter_transforms_are_g_w_g_transposed_of_each_filter(m):
-    """U[a * alpha + b, c, o] = (G w[o, c] G^T)[a, b]; rotated, of w[o, c] turned by 180 degrees,
-    indexed [xi, o, c] (the input gradient's filters), computed here by einsum over the definition."""
+    """U[a * alpha + b, o, c] = (G w[o, c] G^T)[a, b]; rotated, of w[o, c] turned by 180 degrees,
+    indexed [xi, c, o] (the input gradient's filters, [outputs, inputs] of its convolution),
+    computed here by einsum over the definition."""
     rng = np.random.default_rng(m)
     weight = rng.standard_normal((5, 3, 3, 3))  # O != C, so a swapped index cannot pass
     _, g, _ = winograd.transform_matrices(m)
     alpha = m + 2
-    expected = np.einsum("ai,ocij,bj->abco", g, weight, g).reshape(alpha * alpha, 3, 5)
+    expected = np.einsum("ai,ocij,bj->aboc", g, weight, g).reshape(alpha * alpha, 5, 3)
     np.testing.assert_allclose(winograd.winograd_filters(weight, m), expected, rtol=1e-13, atol=1e-13)
-    rotated = np.einsum("ai,ocij,bj->aboc", g, weight[:, :, ::-1, ::-1], g).reshape(alpha * alpha, 5, 3)
+    rotated = np.einsum("ai,ocij,bj->abco", g, weight[:, :, ::-1, ::-1], g).reshape(alpha * alpha, 3, 5)
     np.testing.assert_allclose(winograd.winograd_filters(weight, m, rotated=True), rotated, rtol=1e-13, atol=1e-13)
 
 
@@ -90,6 +91,43 @@ def test_forward_matches_the_reference_in_float64(batch, channels, out_channels,
         winograd._forward_shares = rule
     assert got.shape == expected.shape
     np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10 * max(1.0, np.abs(expected).max()))
+
+
+def test_blocks_running_on_two_threads_at_once_match_im2col_in_float32():
+    """forward_blocks' threads call gemm at the same time. With OpenBLAS's AVX-512 kernels, gemm's
+    TT case (U^T V^T for M [O, rows]) gave wrong float32 results in about one call in five when
+    two threads ran it at once (never on one thread, nor with OpenBLAS's Haswell kernels), so
+    the products run as U V^T (filters [O, C]) or V U (the forward pass's filters reused by the
+    input gradient). Small layers, repeated, where OpenBLAS takes its small-matrix paths: the
+    forward pass (plain, with a residual, channels-last) and the input gradient from the forward
+    pass's filters, each against im2col."""
+    import numba
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs two Numba threads")
+    threads = numba.get_num_threads()
+    numba.set_num_threads(2)
+    rng = np.random.default_rng(7)
+    try:
+        for trial in range(24):
+            channels, out_channels, size, batch = [(16, 16, 12, 3), (16, 8, 12, 3), (32, 24, 20, 2),
+                                                   (64, 48, 14, 4)][trial % 4]
+            m = (2, 4)[trial // 4 % 2]
+            x = rng.standard_normal((batch, channels, size, size)).astype(np.float32)
+            weight = rng.standard_normal((out_channels, channels, 3, 3)).astype(np.float32)
+            bias = rng.standard_normal(out_channels).astype(np.float32)
+            grad_out = rng.standard_normal((batch, out_channels, size, size)).astype(np.float32)
+            expected = kernels.conv2d_forward(x, weight, bias, 1, 1, 1, 1)
+            tolerance = 1e-4 * np.abs(expected).max()
+            for got in (winograd.winograd_conv2d_forward(x, weight, bias, 1, 1, m),
+                        winograd.winograd_conv2d_forward(x, weight, bias, 1, 1, m, residual=expected) - expected,
+                        winograd.winograd_conv2d_forward(x, weight, bias, 1, 1, m, channels_last=True)):
+                np.testing.assert_allclose(got, expected, rtol=0, atol=tolerance)
+            expected_grad = kernels.conv2d_backward_input(grad_out, weight, size, size, 1, 1, 1, 1)
+            got_grad = winograd.winograd_conv2d_backward_input(grad_out, weight, 1, 1, m,
+                                                               forward_filters=winograd.winograd_filters(weight, m))
+            np.testing.assert_allclose(got_grad, expected_grad, rtol=0, atol=1e-4 * np.abs(expected_grad).max())
+    finally:
+        numba.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("m", [2, 4])
