@@ -363,9 +363,10 @@ def _block_scratch_values(alpha2, block_rows, channels, out_channels):
 def _block_views(scratch, alpha2, block_rows, rows, channels, out_channels):
     """A block's V [alpha2, rows, C] and M [alpha2, rows, O] (C-contiguous, so each kernel compiles
     once; forward_blocks reshapes M to [alpha2, O, rows]) and the transforms' scratch, cut from a
-    flat scratch of _block_scratch_values(alpha2, block_rows, C, O) values or more. The scratch comes from the Python driver, on recycled memory
-    (kernels/memory.py): allocated in the kernels, it was fresh pages on every call once other
-    code in the process had made glibc hand its heap top back (page faults: see docs/speed.md)."""
+    flat scratch of _block_scratch_values(alpha2, block_rows, C, O) values or more. The scratch
+    comes from the Python driver, on recycled memory (kernels/memory.py): allocated in the
+    kernels, it was fresh pages on every call once other code in the process had made glibc hand
+    its heap top back (page faults: see docs/speed.md)."""
     outputs = alpha2 * block_rows * channels
     transforms = outputs + alpha2 * block_rows * out_channels
     return (scratch[:alpha2 * rows * channels].reshape((alpha2, rows, channels)),
@@ -377,17 +378,19 @@ def _block_views(scratch, alpha2, block_rows, rows, channels, out_channels):
 def forward_blocks(x_nhwc, b_t, a_t, u, inputs_major, m, pad_h, pad_w, tiles_h, tiles_w, block_rows, tile_shares,
                    channel_shares, bias, residual, channels_last, lower, upper, scratch, y):
     """The Winograd forward pass of every tile, block by block: for each block of at most
-    block_rows consecutive tiles, V = input_transform, M[xi] = U[xi]^T V[xi]^T for each of the
+    block_rows consecutive tiles, V = input_transform, M[xi] = U[xi] V[xi]^T for each of the
     alpha^2 points (gemm, on this thread; M [O', rows] holds each channel's tiles contiguous, the
     order output_transform stores fastest from), then output_transform into y.
 
     Shapes: x_nhwc [N, H, W, C], u [alpha^2, O, C] (or, when inputs_major, [alpha^2, C, O]: the
-    forward pass's filters reused by its input gradient, winograd_conv2d_backward_input), bias [O], residual [N, O, Ho, Wo] or [0, 0, 0, 0] (none; see
-    output_transform), scratch [tile_shares * channel_shares, values] (a row per share,
-    _block_views) -> y [N, O, Ho, Wo], or [N, Ho, Wo, O] when channels_last (in place).
+    forward pass's filters, reused by its input gradient, winograd_conv2d_backward_input; C is
+    then this convolution's input channels, the forward pass's outputs), bias [O],
+    residual [N, O, Ho, Wo] or [0, 0, 0, 0] (none; see output_transform),
+    scratch [tile_shares * channel_shares, values] (a row per share, _block_views)
+    -> y [N, O, Ho, Wo], or [N, Ho, Wo, O] when channels_last (in place).
     Parallel: over tile_shares x channel_shares shares, one per thread: contiguous shares of the
     N*T tiles, and for each, contiguous shares of the O output channels (the products'
-    columns, U[xi][:, lo:hi]). Each share's blocks run start to end on its thread, so a block's V
+    rows, U[xi][lo:hi]). Each share's blocks run start to end on its thread, so a block's V
     and M stay in that core's cache between the steps, and each output depends on nothing but its
     own tile and channel. Splitting the channels is for layers with few tiles (ResNet's 7 x 7
     stage): each thread then reads its part of U instead of all of it, and each thread
@@ -559,7 +562,8 @@ def _reversed_matrices(m, dtype):
 
 def winograd_filters(weight, m=4, rotated=False):
     """The transformed filters U [alpha^2, O, C] of weight [O, C, 3, 3] for F(m x m, 3 x 3); when
-    rotated, U [alpha^2, C, O] of the input gradient's filters (filter_transform)."""
+    rotated, U [alpha^2, C, O] of the input gradient's filters (filter_transform): the
+    convolution's [outputs, inputs] at each point."""
     weight = np.ascontiguousarray(weight)
     out_channels, channels = weight.shape[:2]
     _, g, _ = _matrices(m, weight.dtype)
@@ -575,11 +579,11 @@ def winograd_conv2d_forward(x, weight, bias, pad_h, pad_w, m=4, lower=-np.inf, u
 
     Shapes: x [N, C, H, W], weight [O, C, 3, 3] (unread, and may be None, when ``filters`` are given),
     bias [O] or None -> y [N, O, Ho, Wo], Ho = H + 2 pad_h - 2. Steps: the filter transform U
-    (winograd_filters; pass ``filters`` [alpha^2, C, O] to reuse one, as a frozen layer does) and a
+    (winograd_filters; pass ``filters`` [alpha^2, O, C] to reuse one, as a frozen layer does) and a
     channels-last copy of x; then forward_blocks runs the N*T tiles in blocks of about
     WINOGRAD_BLOCK_BYTES (kernels/_config.py), one share of them per thread (or, with fewer
     tiles than a block per thread, all of them for one share of the output channels per thread,
-    _forward_shares): the block's input transform V, the alpha^2 products M[xi] = V[xi] @ U[xi]
+    _forward_shares): the block's input transform V, the alpha^2 products M[xi] = U[xi] @ V[xi]^T
     by gemm on that thread, and the output transform, which adds the bias and a fused ReLU. A
     block's V and M (alpha^2 * rows * (C + O') values, O' the thread's output channels) are what
     one core keeps in its cache between the steps.
@@ -688,7 +692,7 @@ def winograd_conv2d_backward_input(grad_out, weight, pad_h, pad_w, m=4, grad_out
               the forward convolution of dL/dy with weight[:, :, ::-1, ::-1] transposed to [C, O, 3, 3]
               and padding 2 - pad (needs pad <= 2).
     ``grad_out_nhwc``: dL/dy's channels-last copy where the caller has made one already.
-    ``forward_filters``: the forward pass's U [alpha^2, C, O] of weight (winograd_filters(weight, m)),
+    ``forward_filters``: the forward pass's U [alpha^2, O, C] of weight (winograd_filters(weight, m)),
     which a training layer keeps from its forward pass: for F(2x2) they are the rotated filters'
     transform up to a signed permutation of the points (filter_reversal), so the filter transform
     is skipped (at 512 x 512 channels 4.6 of its 12.7 ms at 8 x 7 x 7); ignored for F(4x4).
