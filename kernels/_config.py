@@ -88,6 +88,10 @@ WINOGRAD_GRADIENT_BLOCK_BYTES = 4 * 1024 * 1024
 # 15-21 / 24-70 ms.
 GRADIENT_SHARES = 4
 
+# The squared-difference loss sums its elements in this many fixed shares (kernels/reduce.py), so
+# its total has the same bits whatever the thread count; several per thread keep both cores busy.
+LOSS_SHARES = 16
+
 # Nearest-neighbour search screens distances one [query block, bank block] matrix at a time
 # (float32: 4096 x 2048 x 4 bytes = 32 MiB), so memory never grows with Q x M. Tall query blocks
 # keep the BLAS product efficient; the shape was the fastest of five tried in bench_patchcore.

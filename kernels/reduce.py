@@ -3,7 +3,7 @@
 import numpy as np
 from numba import njit, prange
 
-from ._config import JIT_OPTIONS, REDUCTION_JIT_OPTIONS
+from ._config import JIT_OPTIONS, LOSS_SHARES, REDUCTION_JIT_OPTIONS
 
 
 @njit(**JIT_OPTIONS)
@@ -38,16 +38,26 @@ def squared_difference_loss(prediction, target, grad_scale):
     Math: total = sum (p - t)^2, accumulated in float64; grad = grad_scale * (p - t).
     Gradient: d(scale/2 * total)/dp = scale * (p - t); with grad_scale = 2/n the gradient of the
     mean squared difference, which Student-Teacher's loss is.
-    Parallel: over elements; numba gives each thread its own partial sum.
+    Parallel: over LOSS_SHARES contiguous shares of the elements, each summed on one thread, the
+    shares' sums then added in order. A prange reduction (each thread its own partial sum) made
+    the total depend on the thread count, which threads.share_cores() narrows when other
+    processes keep a core busy: the same seeded fit then reported a loss differing in its last bit.
     """
     p = prediction.reshape(prediction.size)
     t = target.reshape(target.size)
     grad = np.empty_like(p)
+    partial = np.empty(LOSS_SHARES)
+    for share in prange(LOSS_SHARES):
+        first, stop = p.size * share // LOSS_SHARES, p.size * (share + 1) // LOSS_SHARES
+        acc = 0.0
+        for i in range(first, stop):
+            diff = p[np.uint64(i)] - t[np.uint64(i)]  # unsigned: no wrap-around test, so it vectorises
+            grad[np.uint64(i)] = grad_scale * diff
+            acc += np.float64(diff) * diff
+        partial[share] = acc
     total = 0.0
-    for i in prange(p.size):
-        diff = p[i] - t[i]
-        grad[i] = grad_scale * diff
-        total += np.float64(diff) * diff
+    for share in range(LOSS_SHARES):
+        total += partial[share]
     return total, grad.reshape(prediction.shape)
 
 

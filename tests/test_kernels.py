@@ -275,6 +275,23 @@ def test_squared_difference_loss_matches_numpy(shape, scale, seed, dtype):
     np.testing.assert_allclose(grad, scale * diff, rtol=1e-6 if dtype == np.float32 else 1e-12, atol=1e-30)
 
 
+def test_squared_difference_loss_has_the_same_bits_on_any_thread_count():
+    """threads.share_cores() narrows the threads when other processes keep a core busy; a seeded fit
+    must report the same loss either way (a prange reduction's per-thread partial sums did not)."""
+    numba = pytest.importorskip("numba")
+    rng = np.random.default_rng(3)
+    p, t = (rng.standard_normal((8, 64, 33, 31)).astype(np.float32) for _ in range(2))
+    before = numba.get_num_threads()
+    totals = []
+    try:
+        for threads in sorted({1, 2, before}):
+            numba.set_num_threads(threads)
+            totals.append(K.squared_difference_loss(p, t, np.float32(1.0))[0])
+    finally:
+        numba.set_num_threads(before)
+    assert len(set(totals)) == 1, totals
+
+
 @given(shape=st.tuples(st.integers(1, 3), st.integers(1, 9), st.integers(1, 6), st.integers(1, 6)),
        seed=st.integers(0, 2**16), dtype=st.sampled_from([np.float32, np.float64]))
 def test_channel_mean_squared_difference_matches_numpy(shape, seed, dtype):
