@@ -4,6 +4,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._config import JIT_OPTIONS, LOSS_SHARES, REDUCTION_JIT_OPTIONS
+from .conv import _share
 
 
 @njit(**JIT_OPTIONS)
@@ -48,7 +49,7 @@ def squared_difference_loss(prediction, target, grad_scale):
     grad = np.empty_like(p)
     partial = np.empty(LOSS_SHARES)
     for share in prange(LOSS_SHARES):
-        first, stop = p.size * share // LOSS_SHARES, p.size * (share + 1) // LOSS_SHARES
+        first, stop = _share(p.size, LOSS_SHARES, share)
         acc = 0.0
         for i in range(first, stop):
             diff = p[np.uint64(i)] - t[np.uint64(i)]  # unsigned: no wrap-around test, so it vectorises

@@ -252,7 +252,7 @@ def output_transform(mm, a_t, tiles_h, tiles_w, first, o_first, bias, residual, 
       3. for each channel and each run of the block's tiles along one tile row, that stretch of
          Y[i] + bias (+ residual), clamped, stored as one stretch of the output row; or, when
          channels_last, each output pixel's values gathered across the channels.
-    Why this order: with the tiles of each channel contiguous (the products write M as U^T V^T,
+    Why this order: with the tiles of each channel contiguous (the products write M as U V^T,
     forward_blocks), step 2's product leaves the outputs in the output's own row order, so the
     stores run along image rows; from M [alpha^2, rows, O'] (which it was) each pixel's channels
     went to O' different planes, and the stores took more time than the two products

@@ -278,7 +278,7 @@ def test_squared_difference_loss_matches_numpy(shape, scale, seed, dtype):
 def test_squared_difference_loss_has_the_same_bits_on_any_thread_count():
     """threads.share_cores() narrows the threads when other processes keep a core busy; a seeded fit
     must report the same loss either way (a prange reduction's per-thread partial sums did not)."""
-    numba = pytest.importorskip("numba")
+    import numba
     rng = np.random.default_rng(3)
     p, t = (rng.standard_normal((8, 64, 33, 31)).astype(np.float32) for _ in range(2))
     before = numba.get_num_threads()
